@@ -1,0 +1,102 @@
+"""Typed settings for the whole application, read from `serve_config.yaml` `args`.
+
+One `AppSettings` object, validated at start (a typo is an error, not a silent default), passed to
+every deployment and echoed at `/server_info`. Every limit has a unit in its name.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.lang.settings import RunSettings
+
+from app.metrics import ObservabilitySettings
+
+TINY_MODEL = "sglserve/tiny-llama"  # built locally by app.engines.tiny_model; the default
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("SGLSERVE_CACHE_DIR", str(Path.home() / ".cache" / "sglserve"))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSettings(_Section):
+    # A Hugging Face id, a local directory, or TINY_MODEL (random weights, real tokenizer).
+    model_path: str = TINY_MODEL
+    served_model_name: str | None = None  # the name clients use; defaults to model_path
+    tokenizer_path: str | None = None  # defaults to model_path
+    context_length: int | None = Field(None, gt=0)  # defaults to the model config's
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    trust_remote_code: bool = False
+    cache_dir: str = Field(default_factory=default_cache_dir)  # where the tiny model is built
+
+    @property
+    def name(self) -> str:
+        return self.served_model_name or self.model_path
+
+
+class EngineSettings(_Section):
+    kind: Literal["embedded", "sglang", "simulated"] = "embedded"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Budgets (SGLang's names).
+    max_running_requests: int = Field(64, gt=0)
+    max_total_tokens: int | None = Field(None, gt=0)  # KV capacity; None: derived from memory
+    mem_fraction_static: float | None = Field(None, gt=0.0, lt=1.0)
+    chunked_prefill_size: int = Field(512, gt=0)  # -1 in SGLang disables; here: a huge value
+    max_prefill_tokens: int = Field(4096, gt=0)
+    schedule_policy: Literal["fcfs", "lpm"] = "lpm"
+    disable_radix_cache: bool = False
+    torch_threads: int | None = Field(None, gt=0)  # embedded engine; None: torch's default
+    # Constrained decoding.
+    grammar_backend: Literal["xgrammar", "none"] = "xgrammar"
+    max_grammar_bytes: int = Field(65536, gt=0)
+    grammar_compile_timeout_s: float = Field(10.0, gt=0)
+    # Passed to sglang.Engine / ServerArgs only.
+    tp_size: int = Field(1, gt=0)
+    quantization: str | None = None
+    kv_cache_dtype: str = "auto"
+    load_format: str = "auto"
+    attention_backend: str | None = None
+    sampling_backend: str | None = None
+    enable_metrics: bool = True
+    disable_cuda_graph: bool = False
+    sglang_extra_args: dict[str, Any] = Field(default_factory=dict)  # any other ServerArgs field
+
+
+class SchedulerSettings(_Section):
+    max_queue: int = Field(1024, ge=0)  # requests waiting for admission; beyond: 503
+    max_concurrent: int = Field(256, gt=0)  # requests in flight across all replicas
+    max_queue_wait_s: float = Field(30.0, gt=0)
+    routing_policy: Literal["round_robin", "least_loaded", "power_of_two", "cache_aware"] = (
+        "cache_aware"
+    )
+    decoding_chunk_size: int = Field(16, gt=0)  # max tokens coalesced into one streamed chunk
+    stream_interval_ms: float = Field(10.0, ge=0)  # after the first token, send at most this often
+    max_retries: int = Field(2, ge=0)
+
+
+class IngressSettings(_Section):
+    max_request_bytes: int = Field(4 * 1024 * 1024, gt=0)
+    ready_timeout_s: float = Field(10.0, gt=0)
+    default_max_tokens: int = Field(256, gt=0)
+    access_log: bool = False
+
+
+class AppSettings(_Section):
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
+    ingress: IngressSettings = Field(default_factory=IngressSettings)
+    run: RunSettings = Field(default_factory=RunSettings)  # /run: limits and registered functions
+    observability: ObservabilitySettings = Field(default_factory=ObservabilitySettings)
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any] | None) -> "AppSettings":
+        return cls.model_validate(args or {})

@@ -1,0 +1,48 @@
+"""Builds the Ray Serve application: Ingress -> Scheduler -> ModelReplica.
+
+`serve run serve_config.yaml` imports `app.deployments:build_app` and passes the config's `args`;
+per-deployment options (replicas, CPUs/GPUs, autoscaling) come from the config's `deployments`
+section, which Ray Serve applies by deployment name. Tests and benchmarks call `build` with the
+same options as a dict.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
+
+from app.config import AppSettings
+from app.ingress.server import IngressDeployment
+from app.replica import ModelReplicaDeployment
+from app.scheduler.deployment import SchedulerDeployment
+
+DEPLOYMENT_NAMES = ("Ingress", "Scheduler", "ModelReplica")
+
+
+def routing_config(settings: AppSettings) -> RequestRouterConfig:
+    """The scheduler's handle to the replicas routes by our policy (runs in the scheduler)."""
+    return RequestRouterConfig(
+        request_router_class="app.scheduler.ray_router:PolicyRequestRouter",
+        request_router_kwargs={"policy": settings.scheduler.routing_policy},
+        request_routing_stats_period_s=1.0,
+        request_routing_stats_timeout_s=5.0,
+    )
+
+
+def build(settings: AppSettings, options: dict[str, dict[str, Any]] | None = None) -> Application:
+    options = options or {}
+    unknown = set(options) - set(DEPLOYMENT_NAMES)
+    if unknown:
+        raise ValueError(f"unknown deployments {sorted(unknown)}; known: {DEPLOYMENT_NAMES}")
+    raw = settings.model_dump(mode="json")
+    replica_options = {"request_router_config": routing_config(settings), **options.get("ModelReplica", {})}
+    replica = ModelReplicaDeployment.options(**replica_options).bind(raw)
+    scheduler = SchedulerDeployment.options(**options.get("Scheduler", {})).bind(replica, raw)
+    return IngressDeployment.options(**options.get("Ingress", {})).bind(scheduler, raw)
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    """The entry point named in serve_config.yaml (`import_path: app.deployments:build_app`)."""
+    return build(AppSettings.from_args(args))  # a bad config fails here, before any actor starts

@@ -1,0 +1,482 @@
+"""Constrained decoding for the embedded engine: xgrammar masks plus budget-aware steering.
+
+`GrammarCompiler` (one per engine) compiles `json_schema` / `regex` / `ebnf` specs with xgrammar,
+bounded in size (`max_grammar_bytes`, else 413) and time (`compile_timeout_s`, else 422), caches
+results by (kind, spec), and turns every failure into `app.errors.ValidationError` naming the
+problem. `GrammarMatcher` (one per sequence) yields the allowed-token mask for each step.
+
+Special tokens other than the stop tokens are never allowed: xgrammar would otherwise treat e.g.
+`<|pad|>` as the literal text "<|pad|>", and it vanishes on decoding with skip_special_tokens.
+Ids beyond the tokenizer (the model's logits may be wider) are never allowed either, nor, for
+json_schema, tokens with raw control bytes (xgrammar's JSON strings admit them; JSON does not).
+
+## Steering: finishing within `max_new_tokens`
+
+A grammar mask alone lets a (random) model wander: inside a JSON string it may never emit the
+closing quote, and the output is cut off unparsable when the budget runs out. Each matcher keeps a
+*witness*: a byte string W such that the tokens so far followed by W form a complete sentence of
+the grammar. Its cost c(W) is the number of tokens of a greedy longest-match tokenization of W
+(an upper bound on the tokens needed, since xgrammar matches tokens by bytes). With r tokens of
+budget left, the invariant is c(W) <= r. Each step:
+
+- free zone (r - c(W) >= margin): the plain grammar mask;
+- steering zone (slack below the margin): only tokens t for which we hold a witness for the state
+  after t costing at most r - 1: "progress" tokens (t's bytes are a prefix of W, the witness for
+  after t is the rest of W) and "harmless" tokens (t followed by W still completes: checked on the
+  matcher with accept + rollback), plus the stop tokens once the sentence is complete.
+
+The steering zone is sound: the set is never empty while c(W) <= r (W's first greedy token is in
+it) and each allowed token keeps the invariant, so a complete sentence is reached within budget.
+The free zone is unguarded only against a single token that raises c(W) by more than the margin
+(e.g. a token opening a nested object with many required fields); the margin is therefore
+`max(STEERING_MARGIN_TOKENS, 2 * largest jump seen for this grammar + 2)`, learned per compiled
+grammar. If the budget is below the witness cost from the start, steering still takes the
+shortest path it knows but cannot guarantee completion.
+
+The witness is found by a greedy depth-first search over single bytes on a fork of the matcher:
+take xgrammar's jump-forward string when there is one, else try the allowed bytes in a fixed
+preference order (closers such as `"` `}` `]` first, then other punctuation, digits, letters,
+then openers and separators), preferring bytes that lead to a state signature (allowed-token
+mask + jump-forward string + completeness) not seen yet, so `(ab)+c`-like loops and free string
+content do not trap it.
+Witnesses are checked by construction (the matcher accepted every byte and is complete), so a
+poor search costs slack, never correctness. After a token the witness is carried over without a
+new search when the token was a progress or harmless one; otherwise it is searched again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import jsonschema
+import torch
+import xgrammar as xgr
+
+from app.errors import PayloadTooLargeError, ValidationError
+
+GRAMMAR_KINDS = ("json_schema", "regex", "ebnf")
+STEERING_MARGIN_TOKENS = 12
+WITNESS_MAX_BYTES = 4096
+WITNESS_MAX_NODES = 2000
+CACHE_MAX_ENTRIES = 256
+
+# OpenAI's response_format {"type": "json_object"}: any JSON object. Use with kind "ebnf".
+# (A json_schema of {"type": "object"} would not do: xgrammar's strict mode forbids properties
+# that the schema does not name.)
+JSON_OBJECT_GRAMMAR = r"""
+root ::= object
+value ::= object | array | string | number | "true" | "false" | "null"
+object ::= "{" ws ( member ( "," ws member )* )? "}"
+member ::= string ":" ws value ws
+array ::= "[" ws ( value ws ( "," ws value ws )* )? "]"
+string ::= "\"" ( [^"\\\x00-\x1f] | "\\" ( ["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] ) )* "\""
+number ::= "-"? ( "0" | [1-9] [0-9]* ) ( "." [0-9]+ )? ( [eE] [-+]? [0-9]+ )?
+ws ::= [ ]?
+"""
+
+# Witness search: which allowed byte to try first (earlier = preferred). Closers end structures,
+# separators and openers start new ones, so they come last.
+_BYTE_PREFERENCE = (
+    b"}])>\"'"
+    + b"0123456789"
+    + b":;.!?-_/@#$%&*+=|~^`<"
+    + b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    + b" "
+    + b"{[(,\\"
+    + b"\n\t\r"
+)
+_XGRAMMAR_LOCATION = re.compile(r"^\[[0-9:]+\] \S+:\d+: ")
+
+
+@dataclass
+class CompiledGrammar:
+    kind: str
+    spec: str
+    compiled: xgr.CompiledGrammar
+    compile_time_s: float
+    # Tokens this grammar never allows on top of the vocabulary's (see _compile_now).
+    banned_tokens: torch.Tensor | None = None
+    # Largest one-token rise of the witness cost seen in the free zone (steering margin input).
+    max_witness_jump: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def note_witness_jump(self, jump: int) -> None:
+        with self._lock:
+            self.max_witness_jump = max(self.max_witness_jump, jump)
+
+    @property
+    def steering_margin_tokens(self) -> int:
+        return max(STEERING_MARGIN_TOKENS, 2 * self.max_witness_jump + 2)
+
+
+class _Vocabulary:
+    """Byte strings of the tokens, as the grammar sees them, and what is never allowed."""
+
+    def __init__(self, info: xgr.TokenizerInfo, hf_tokenizer, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+        self.stop_token_ids = list(info.stop_token_ids)
+        decoded = info.decoded_vocab
+        special = set(getattr(hf_tokenizer, "all_special_ids", []))
+        for token_id, added in getattr(hf_tokenizer, "added_tokens_decoder", {}).items():
+            if getattr(added, "special", False):
+                special.add(token_id)
+        special -= set(self.stop_token_ids)
+        self.never_allowed = torch.zeros(vocab_size, dtype=torch.bool)
+        self.never_allowed[len(hf_tokenizer) :] = True
+        self.never_allowed[[t for t in special if t < vocab_size]] = True
+        self.token_bytes: dict[int, bytes] = {}
+        self.id_of_bytes: dict[bytes, int] = {}
+        for token_id in range(min(len(decoded), len(hf_tokenizer), vocab_size)):
+            data = decoded[token_id]
+            if token_id in special or token_id in self.stop_token_ids or not data:
+                continue
+            self.token_bytes[token_id] = data
+            self.id_of_bytes.setdefault(data, token_id)
+        self.max_token_bytes = max(len(b) for b in self.id_of_bytes)
+        self.control_byte_tokens = torch.zeros(vocab_size, dtype=torch.bool)
+        for token_id, data in self.token_bytes.items():
+            if any(byte < 0x20 for byte in data):
+                self.control_byte_tokens[token_id] = True
+        self.single_byte_ids = {b[0]: i for b, i in self.id_of_bytes.items() if len(b) == 1}
+        assert len(self.single_byte_ids) == 256, "steering needs a byte-level vocabulary"
+        order = list(_BYTE_PREFERENCE) + [b for b in range(256) if b not in _BYTE_PREFERENCE]
+        self.byte_ids_by_preference = torch.tensor([self.single_byte_ids[b] for b in order])
+        self.bytes_by_preference = order
+
+    def token_cost(self, data: bytes) -> int:
+        """Tokens in a greedy longest-match tokenization of `data` (an upper bound)."""
+        count, pos = 0, 0
+        while pos < len(data):
+            for size in range(min(self.max_token_bytes, len(data) - pos), 0, -1):
+                if data[pos : pos + size] in self.id_of_bytes:
+                    pos += size
+                    count += 1
+                    break
+        return count
+
+    def prefix_tokens(self, data: bytes) -> list[tuple[int, int]]:
+        """(token id, byte length) of every token whose bytes are a prefix of `data`."""
+        found = []
+        for size in range(1, min(self.max_token_bytes, len(data)) + 1):
+            token_id = self.id_of_bytes.get(data[:size])
+            if token_id is not None:
+                found.append((token_id, size))
+        return found
+
+
+def _bitmask_to_bool(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    shifts = torch.arange(32, dtype=torch.int32)
+    bits = (bitmask.reshape(-1, 1) >> shifts) & 1
+    return bits.reshape(-1)[:vocab_size].bool()
+
+
+class GrammarCompiler:
+    """Compiles and caches grammars for one engine (one tokenizer, one logits width)."""
+
+    def __init__(
+        self,
+        hf_tokenizer,
+        vocab_size: int,
+        max_grammar_bytes: int,
+        compile_timeout_s: float,
+        *,
+        stop_token_ids: list[int] | None = None,
+        max_threads: int = 2,
+    ) -> None:
+        if stop_token_ids is None:
+            stop_token_ids = [hf_tokenizer.eos_token_id]
+        self.tokenizer_info = xgr.TokenizerInfo.from_huggingface(
+            hf_tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids
+        )
+        self.vocabulary = _Vocabulary(self.tokenizer_info, hf_tokenizer, vocab_size)
+        self.vocab_size = vocab_size
+        self.max_grammar_bytes = max_grammar_bytes
+        self.compile_timeout_s = compile_timeout_s
+        self._compiler = xgr.GrammarCompiler(self.tokenizer_info, max_threads=max_threads)
+        self._cache: OrderedDict[tuple[str, str], CompiledGrammar | ValidationError] = OrderedDict()
+        self.cache_hits = 0
+        self.cache_misses = 0
+
+    async def compile(self, kind: str, spec: str) -> CompiledGrammar:
+        """Compile (or fetch from the cache) a grammar; ValidationError (422/413) if it is bad."""
+        if kind not in GRAMMAR_KINDS:
+            raise ValidationError(f"unknown grammar kind {kind!r}; use one of {GRAMMAR_KINDS}")
+        size = len(spec.encode())
+        if size > self.max_grammar_bytes:
+            raise PayloadTooLargeError(
+                f"{kind} is {size} bytes, over the limit of {self.max_grammar_bytes} bytes",
+                param=kind,
+            )
+        key = (kind, spec)
+        cached = self._cache.get(key)
+        if cached is not None:
+            self.cache_hits += 1
+            self._cache.move_to_end(key)
+            if isinstance(cached, ValidationError):
+                raise cached
+            return cached
+        self.cache_misses += 1
+        try:
+            compiled = await asyncio.wait_for(
+                asyncio.to_thread(self._compile_now, kind, spec), self.compile_timeout_s
+            )
+        except TimeoutError:
+            # The worker thread cannot be killed; it finishes in the background and is ignored.
+            error = ValidationError(
+                f"{kind} grammar compile exceeded {self.compile_timeout_s} s", param=kind
+            )
+            self._remember(key, error)  # do not let the same spec burn a thread again
+            raise error from None
+        except ValidationError as error:
+            self._remember(key, error)
+            raise
+        self._remember(key, compiled)
+        return compiled
+
+    def new_matcher(
+        self, compiled: CompiledGrammar, max_new_tokens: int, *, steering: bool = True
+    ) -> GrammarMatcher:
+        """A matcher for one sequence; `steering=False` gives the bare grammar mask (benchmarks)."""
+        return GrammarMatcher(compiled, self.vocabulary, max_new_tokens, steering=steering)
+
+    def _remember(self, key: tuple[str, str], value: CompiledGrammar | ValidationError) -> None:
+        self._cache[key] = value
+        while len(self._cache) > CACHE_MAX_ENTRIES:
+            self._cache.popitem(last=False)
+
+    def _compile_now(self, kind: str, spec: str) -> CompiledGrammar:
+        start = time.perf_counter()
+        try:
+            if kind == "json_schema":
+                compiled = self._compiler.compile_json_schema(
+                    _checked_json_schema(spec), any_whitespace=False
+                )
+            elif kind == "regex":
+                compiled = self._compiler.compile_regex(spec)
+            else:
+                compiled = self._compiler.compile_grammar(spec)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            reason = _XGRAMMAR_LOCATION.sub("", str(exc).strip())
+            raise ValidationError(f"invalid {kind}: {reason}", param=kind) from None
+        # xgrammar's JSON strings admit raw control characters, which JSON forbids (json.loads
+        # rejects them); compact JSON needs no control byte anywhere, so ban those tokens.
+        banned = self.vocabulary.control_byte_tokens if kind == "json_schema" else None
+        return CompiledGrammar(kind, spec, compiled, time.perf_counter() - start, banned)
+
+
+def _checked_json_schema(spec: str) -> str:
+    """Parse and meta-validate a JSON schema; ValidationError naming the problem."""
+    try:
+        schema = json.loads(spec)
+    except json.JSONDecodeError as exc:
+        raise ValidationError(
+            f"json_schema is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
+            param="json_schema",
+        ) from None
+    if not isinstance(schema, (dict, bool)):
+        raise ValidationError(
+            f"json_schema must be a JSON object, got {type(schema).__name__}", param="json_schema"
+        )
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        where = "/".join(str(p) for p in exc.path) or "(root)"
+        raise ValidationError(
+            f"json_schema is not a valid schema at {where}: {exc.message}", param="json_schema"
+        ) from None
+    return spec
+
+
+class GrammarMatcher:
+    """Grammar state of one sequence, with budget-aware steering (see the module docstring)."""
+
+    def __init__(
+        self,
+        compiled: CompiledGrammar,
+        vocabulary: _Vocabulary,
+        max_new_tokens: int,
+        *,
+        steering: bool = True,
+    ) -> None:
+        self.compiled = compiled
+        self.steering = steering
+        self.vocabulary = vocabulary
+        self.remaining_tokens = max_new_tokens
+        self._matcher = xgr.GrammarMatcher(
+            compiled.compiled, override_stop_tokens=vocabulary.stop_token_ids or None
+        )
+        self._bitmask = xgr.allocate_token_bitmask(1, vocabulary.vocab_size)
+        self._never_allowed = vocabulary.never_allowed
+        if compiled.banned_tokens is not None:
+            self._never_allowed = self._never_allowed | compiled.banned_tokens
+        self._witness: bytes | None = None  # None: unknown (search again)
+        self._witness_failed = False
+        self._harmless: set[int] = set()  # tokens checked to keep the witness this step
+        self.steered_steps = 0
+        self.witness_searches = 0
+
+    # --- the per-step API ---------------------------------------------------------------------
+
+    def allowed_token_mask(self) -> torch.Tensor:
+        """[vocab_size] bool: the tokens allowed next (grammar, minus specials, plus steering).
+
+        After termination only the stop tokens are allowed (the engine should have stopped)."""
+        if self._matcher.is_terminated():
+            mask = torch.zeros(self.vocabulary.vocab_size, dtype=torch.bool)
+            mask[self.vocabulary.stop_token_ids] = True
+            return mask
+        mask = self._grammar_mask(self._matcher)
+        self._harmless = set()
+        if not self.steering:
+            return mask
+        witness = self._current_witness()
+        if witness is None:
+            return mask
+        cost = self.vocabulary.token_cost(witness)
+        if self.remaining_tokens - cost >= self.compiled.steering_margin_tokens:
+            return mask
+        self.steered_steps += 1
+        return mask & self._steering_mask(mask, witness, cost)
+
+    def accept_token(self, token_id: int) -> bool:
+        if not self._matcher.accept_token(token_id):
+            return False
+        self.remaining_tokens -= 1
+        if self._matcher.is_terminated():
+            self._witness = b""
+        else:
+            self._advance_witness(token_id)
+        return True
+
+    def is_terminated(self) -> bool:
+        return self._matcher.is_terminated()
+
+    def is_completed(self) -> bool:
+        """The output so far is a complete sentence (a stop token would be accepted)."""
+        return self._matcher.is_completed()
+
+    # --- internals -----------------------------------------------------------------------------
+
+    def _grammar_mask(self, matcher: xgr.GrammarMatcher) -> torch.Tensor:
+        matcher.fill_next_token_bitmask(self._bitmask)
+        allowed = _bitmask_to_bool(self._bitmask, self.vocabulary.vocab_size)
+        return allowed & ~self._never_allowed
+
+    def _steering_mask(self, mask: torch.Tensor, witness: bytes, cost: int) -> torch.Tensor:
+        budget_after = self.remaining_tokens - 1
+        keep = torch.zeros_like(mask)
+        for token_id, size in self.vocabulary.prefix_tokens(witness):
+            if self.vocabulary.token_cost(witness[size:]) <= budget_after:
+                keep[token_id] = True
+        if not witness:  # complete: stopping is progress
+            keep[self.vocabulary.stop_token_ids] = True
+        elif cost <= budget_after:
+            for token_id in torch.nonzero(mask & ~keep).flatten().tolist():
+                if self._keeps_witness(token_id, witness):
+                    keep[token_id] = True
+                    self._harmless.add(token_id)
+        if not (keep & mask).any():
+            # The budget is already below the witness cost (too small from the start, or a free
+            # token jumped past the margin): no guarantee left; take the shortest path we know.
+            for token_id, _ in self.vocabulary.prefix_tokens(witness):
+                keep[token_id] = True
+        return keep
+
+    def _keeps_witness(self, token_id: int, witness: bytes) -> bool:
+        """Does `token_id` followed by the witness still complete the grammar?"""
+        matcher = self._matcher
+        if not matcher.accept_token(token_id):
+            return False
+        accepted = matcher.accept_string(witness)
+        completes = accepted and matcher.is_completed()
+        matcher.rollback(2 if accepted else 1)  # a rejected string leaves no step behind
+        return completes
+
+    def _current_witness(self) -> bytes | None:
+        if self._witness is None and not self._witness_failed:
+            self.witness_searches += 1
+            self._witness = _find_witness(self._matcher, self.vocabulary, self._grammar_mask)
+            self._witness_failed = self._witness is None
+        return self._witness
+
+    def _advance_witness(self, token_id: int) -> None:
+        witness = self._witness
+        if witness is None or not self.steering:
+            return
+        data = self.vocabulary.token_bytes.get(token_id, b"")
+        if data and witness.startswith(data):
+            self._witness = witness[len(data) :]
+            return
+        if token_id in self._harmless:
+            return
+        keeps = False
+        probe = self._matcher.fork()
+        if witness and probe.accept_string(witness):
+            keeps = probe.is_completed()
+        if keeps:
+            return
+        old_cost = self.vocabulary.token_cost(witness)
+        self._witness = None
+        new = self._current_witness()
+        if new is not None:
+            self.compiled.note_witness_jump(self.vocabulary.token_cost(new) - old_cost + 1)
+
+
+def _find_witness(matcher: xgr.GrammarMatcher, vocabulary: _Vocabulary, grammar_mask) -> bytes | None:
+    """A byte string completing `matcher`'s sentence, by a greedy walk (see the module docstring).
+
+    Every state a matcher accepts can still be completed, so a greedy walk never dead-ends; the
+    danger is looping (free string content, `(ab)+c`). So a step prefers the first allowed byte,
+    in preference order, that leads to a state signature not seen yet; only when every allowed
+    byte leads back to a seen signature (counted repetitions such as `\\d{3}`) does it take the
+    first one anyway. Bounded by WITNESS_MAX_BYTES and WITNESS_MAX_NODES evaluations.
+    """
+    probe = matcher.fork()
+    pieces: list[bytes] = []
+    length = 0
+    evaluations = 0
+
+    def signature(state: xgr.GrammarMatcher) -> tuple[bytes, str, bool]:
+        mask = grammar_mask(state)
+        return mask.numpy().tobytes(), state.find_jump_forward_string(), state.is_completed()
+
+    seen = {signature(probe)}
+    while not probe.is_completed():
+        if length >= WITNESS_MAX_BYTES or evaluations >= WITNESS_MAX_NODES:
+            return None
+        forced = probe.find_jump_forward_string().encode()
+        if forced:
+            accepted = probe.accept_string(forced)
+            assert accepted, "xgrammar rejected its own jump-forward string"
+            pieces.append(forced)
+            length += len(forced)
+            seen.add(signature(probe))
+            continue
+        allowed = grammar_mask(probe)[vocabulary.byte_ids_by_preference].tolist()
+        candidates = [bytes([b]) for b, ok in zip(vocabulary.bytes_by_preference, allowed) if ok]
+        if not candidates:
+            return None  # only multi-byte or stop tokens continue from here: give up
+        chosen = None
+        for piece in candidates:
+            evaluations += 1
+            if not probe.accept_string(piece):
+                continue
+            child = signature(probe)
+            if child not in seen:
+                seen.add(child)
+                chosen = piece
+                break
+            probe.rollback(1)
+        if chosen is None:
+            chosen = candidates[0]
+            if not probe.accept_string(chosen):
+                return None
+        pieces.append(chosen)
+        length += len(chosen)
+    return b"".join(pieces)

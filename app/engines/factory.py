@@ -1,0 +1,24 @@
+"""Build the engine named by the settings. Heavy engines are imported only when chosen."""
+
+from __future__ import annotations
+
+from app.config import AppSettings
+from app.engines.base import Engine
+from app.errors import EngineError
+
+
+def make_engine(settings: AppSettings) -> Engine:
+    kind = settings.engine.kind
+    if kind == "embedded":
+        from app.engines.embedded import EmbeddedEngine
+
+        return EmbeddedEngine(settings.model, settings.engine)
+    if kind == "sglang":
+        from app.engines.sglang_engine import SGLangEngine
+
+        return SGLangEngine(settings.model, settings.engine)
+    if kind == "simulated":
+        from app.engines.simulated import SimulatedEngine
+
+        return SimulatedEngine(name=settings.model.name)
+    raise EngineError(f"unknown engine kind {kind!r}: expected embedded, sglang or simulated")

@@ -1,0 +1,897 @@
+"""The `sglang.Engine` adapter: SGLang's real runtime behind our engine contract (GPU replicas).
+
+Design
+- One `sglang.Engine` per replica, built from `ModelSettings` + `EngineSettings` (every field our
+  config exposes maps onto a `ServerArgs` field; `sglang_extra_args` passes any other one, checked
+  against `ServerArgs` so a typo is an error). `sglang` is imported only in `start()`, so a CPU
+  deployment never needs it; without it `start()` raises `EngineError` saying how to install it.
+- Requests always go to SGLang as streams (`async_generate(stream=True)`): SGLang's default stream
+  is cumulative (the whole output so far, consumer-side coalescing included), so the adapter keeps
+  per-request offsets and yields only what is new as `GenerateOutput` increments. With
+  `incremental_streaming_output=True` in `sglang_extra_args` the chunks are deltas and pass as is.
+- Bad input is rejected before it reaches SGLang (a token id outside the vocabulary can take the
+  scheduler down); SGLang's own rejections (`ValueError`, aborts with a status code) map onto
+  `app.errors`. A consumer that stops iterating aborts its request.
+- Lifecycle inside Ray Serve: SGLang's scheduler/detokenizer processes report a failure by sending
+  SIGQUIT to their parent, and SGLang's handlers answer it (and SIGTERM) by killing the whole process
+  tree, i.e. the Ray worker. The adapter replaces those handlers: a failing engine is marked dead,
+  requests in flight end with `EngineError`, and `health_check` raises, so Ray Serve replaces the
+  replica through its normal path. When the engine is started off the main thread (Ray Serve runs
+  user code on its own thread) Python cannot install a handler, so SIGQUIT is set to "ignore" at the
+  C level and a watchdog thread notices dead subprocesses instead.
+- GPU placement: the engine uses the devices in CUDA_VISIBLE_DEVICES (Ray sets it from the
+  replica's `num_gpus`); `start()` checks that at least `tp_size` are visible.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import dataclasses
+import logging
+import os
+import signal
+import threading
+import time
+import weakref
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from app.config import TINY_MODEL, AppSettings, EngineSettings, ModelSettings
+from app.engines.base import Engine, Tokenizer
+from app.errors import (
+    APIError,
+    EngineError,
+    InvalidRequestError,
+    OverloadedError,
+    RequestAbortedError,
+    ValidationError,
+)
+from app.protocol import (
+    EngineStats,
+    FinishReason,
+    GenerateOutput,
+    GenerateRequest,
+    ModelInfo,
+    SamplingParams,
+)
+
+logger = logging.getLogger("sglserve.engines.sglang")
+
+INSTALL_HINT = (
+    "engine.kind is 'sglang' but the sglang runtime is not importable ({error}). Install it on the "
+    "GPU nodes, e.g. `pip install 'sglang[all]'` matching the node's torch/CUDA, or use "
+    "engine.kind 'embedded'."
+)
+# A health-check prompt made of small token ids every vocabulary has.
+HEALTH_PROMPT_IDS = [1, 2, 3, 4]
+WATCHDOG_INTERVAL_S = 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# Settings -> ServerArgs
+# --------------------------------------------------------------------------------------------
+def server_args_from_settings(model: ModelSettings, engine: EngineSettings) -> dict[str, Any]:
+    """The `sglang.Engine(**kwargs)` for our settings. Options left at None keep SGLang's default."""
+    kwargs: dict[str, Any] = {
+        "model_path": model.model_path,
+        "tokenizer_path": model.tokenizer_path or model.model_path,
+        "served_model_name": model.name,
+        "context_length": model.context_length,
+        "dtype": model.dtype,
+        "trust_remote_code": model.trust_remote_code,
+        "mem_fraction_static": engine.mem_fraction_static,
+        "chunked_prefill_size": engine.chunked_prefill_size,
+        "max_prefill_tokens": engine.max_prefill_tokens,
+        "max_running_requests": engine.max_running_requests,
+        "max_total_tokens": engine.max_total_tokens,
+        "schedule_policy": engine.schedule_policy,
+        "disable_radix_cache": engine.disable_radix_cache,
+        "quantization": engine.quantization,
+        "kv_cache_dtype": engine.kv_cache_dtype,
+        "tp_size": engine.tp_size,
+        "load_format": engine.load_format,
+        "grammar_backend": engine.grammar_backend,
+        "enable_metrics": engine.enable_metrics,
+        "attention_backend": engine.attention_backend,
+        "sampling_backend": engine.sampling_backend,
+        "disable_cuda_graph": engine.disable_cuda_graph,
+    }
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    kwargs.update(engine.sglang_extra_args)  # the operator's explicit choice wins
+    return kwargs
+
+
+def check_server_arg_names(kwargs: dict[str, Any], server_args_class: type) -> None:
+    """Reject names `ServerArgs` does not have (a typo in sglang_extra_args is an error)."""
+    known = {f.name for f in dataclasses.fields(server_args_class)}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise ValueError(
+            f"engine.sglang_extra_args: {unknown} are not sglang ServerArgs fields "
+            f"(sglang {_sglang_version()})"
+        )
+
+
+def _sglang_version() -> str:
+    try:
+        import sglang
+
+        return str(sglang.__version__)
+    except Exception:  # noqa: BLE001 - only for a message
+        return "unknown"
+
+
+def _import_sglang():
+    try:
+        import sglang
+        from sglang.srt.server_args import ServerArgs
+    except Exception as exc:  # ImportError, or a broken CUDA stack underneath
+        raise EngineError(INSTALL_HINT.format(error=f"{type(exc).__name__}: {exc}")) from exc
+    return sglang, ServerArgs
+
+
+def resolve_paths(model: ModelSettings) -> tuple[str, str]:
+    """(model_path, tokenizer_path): the tiny model is built on first use (random weights, real
+    tokenizer); other paths pass through unchanged."""
+    from app.engines import tiny_model
+
+    return tiny_model.resolve_model_path(model), tiny_model.resolve_tokenizer_path(model)
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------------------------
+class HFTokenizer(Tokenizer):
+    """Our Tokenizer contract over the Hugging Face tokenizer SGLang itself loaded."""
+
+    def __init__(self, hf_tokenizer: Any, eos_token_ids: list[int]):
+        self._tok = hf_tokenizer
+        self._eos = eos_token_ids
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
+        return self._tok.apply_chat_template(
+            messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=False
+        )
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return list(self._eos)
+
+
+# --------------------------------------------------------------------------------------------
+# Signals and liveness
+# --------------------------------------------------------------------------------------------
+def _ignore_signal_at_c_level(signum: int) -> None:
+    """SIG_IGN for `signum` from any thread (Python's `signal.signal` works on the main thread
+    only). Used for SIGQUIT when the engine starts off the main thread: SGLang's children send it
+    to their parent on failure, and its default action would kill the Ray worker."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.signal.restype = ctypes.c_void_p
+    libc.signal.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    libc.signal(signum, ctypes.c_void_p(1))  # SIG_IGN == (void (*)(int)) 1
+
+
+class _ChildWatchdog(threading.Thread):
+    """Polls the engine's subprocesses; reports the first one that died."""
+
+    def __init__(self, pids: list[int], on_death: Callable[[str], None]):
+        super().__init__(name="sglang-child-watchdog", daemon=True)
+        self._pids = pids
+        self._on_death = on_death
+        self._stop_event = threading.Event()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+    def run(self) -> None:
+        import psutil
+
+        procs = []
+        for pid in self._pids:
+            try:
+                procs.append(psutil.Process(pid))
+            except psutil.NoSuchProcess:
+                self._on_death(f"SGLang subprocess {pid} is gone")
+                return
+        while not self._stop_event.wait(WATCHDOG_INTERVAL_S):
+            for proc in procs:
+                try:
+                    alive = proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+                except psutil.NoSuchProcess:
+                    alive = False
+                if not alive:
+                    self._on_death(f"SGLang subprocess {proc.pid} ({_proc_name(proc)}) died")
+                    return
+
+
+def _proc_name(proc: Any) -> str:
+    try:
+        return proc.name()
+    except Exception:  # noqa: BLE001 - the process is gone; the name is only for the message
+        return "?"
+
+
+# --------------------------------------------------------------------------------------------
+# Per-request stream state
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _Flight:
+    """What the adapter tracks of one request in flight (for stats and for failing it)."""
+
+    rid: str
+    prompt_tokens: int
+    max_new_tokens: int
+    completion_tokens: int = 0
+
+
+@dataclasses.dataclass
+class _StreamCursor:
+    """How much of SGLang's cumulative output has already been passed on."""
+
+    ids: int = 0
+    output_logprobs: int = 0
+    output_top_logprobs: int = 0
+    input_logprobs_sent: bool = False
+    text: "_TextEmitter" = dataclasses.field(default_factory=lambda: _TextEmitter(()))
+
+
+class _TextEmitter:
+    """Turns SGLang's growing output text into deltas, holding back a tail that could still become
+    a stop string: SGLang streams text as decoded and trims a matched stop string only in the final
+    output, so without this a client would see the first characters of a stop string that later
+    matched."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = stops
+        self.sent = 0  # characters of the full text passed on so far
+        self.full = ""  # the full text so far (kept only for incremental chunks)
+
+    def delta(self, full_text: str, finished: bool) -> str:
+        if finished:
+            end = len(full_text)
+        else:
+            end = len(full_text) - self._holdback(full_text)
+        if end <= self.sent:
+            return ""
+        new = full_text[self.sent : end]
+        self.sent = end
+        return new
+
+    def _holdback(self, text: str) -> int:
+        hold = 0
+        for stop in self.stops:
+            found = text.find(stop, self.sent)
+            if found != -1:  # SGLang finishes on it in this or the next chunk: show nothing of it
+                hold = max(hold, len(text) - found)
+                continue
+            for k in range(min(len(stop) - 1, len(text) - self.sent), 0, -1):
+                if text.endswith(stop[:k]):
+                    hold = max(hold, k)
+                    break
+        return hold
+
+
+def _finish_reason(raw: Any) -> FinishReason | None:
+    if not raw:
+        return None
+    if isinstance(raw, str):  # older SGLang versions sent a bare string
+        return FinishReason.model_construct(type=raw, matched=None, length=None, message=None)
+    matched = raw.get("matched")
+    if isinstance(matched, list):  # a multi-token stop sequence; keep the last id
+        matched = matched[-1] if matched else None
+    return FinishReason.model_construct(
+        type=raw.get("type", "stop"),
+        matched=matched,
+        length=raw.get("length"),
+        message=raw.get("message"),
+    )
+
+
+def _error_for_sglang_abort(raw: dict[str, Any], constraint: tuple[str, str] | None) -> APIError:
+    """Map an abort that SGLang attached a status code to (its request errors) onto ours."""
+    status = int(raw.get("status_code") or 500)
+    message = str(raw.get("message") or "request aborted by SGLang")
+    if status == 400:
+        if constraint is not None and _looks_like_grammar_error(message):
+            return ValidationError(message, param=f"sampling_params.{constraint[0]}")
+        return InvalidRequestError(message)
+    if status in (429, 503):
+        return OverloadedError(message)
+    return EngineError(message, status_code=status if status >= 500 else 500)
+
+
+def _looks_like_grammar_error(message: str) -> bool:
+    lowered = message.lower()
+    return any(w in lowered for w in ("grammar", "regex", "json", "schema", "ebnf", "compile"))
+
+
+# --------------------------------------------------------------------------------------------
+# The adapter
+# --------------------------------------------------------------------------------------------
+class SGLangEngine(Engine):
+    """`sglang.Engine` behind the engine contract. Build with `from_settings`, then `await start()`."""
+
+    def __init__(self, model: ModelSettings, engine: EngineSettings):
+        self._model_settings = model
+        self._engine_settings = engine
+        self._sgl: Any = None  # the sglang.Engine
+        self._kwargs: dict[str, Any] = {}
+        self._incremental = False
+        self._dead_reason: str | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._watchdog: _ChildWatchdog | None = None
+        self._flights: dict[str, _Flight] = {}
+        self._tokenizer: HFTokenizer | None = None
+        self._model_info: ModelInfo | None = None
+        self._start_lock = asyncio.Lock()
+        # Totals since start (health checks excluded).
+        self._prompt_tokens_total = 0
+        self._generation_tokens_total = 0
+        self._cached_tokens_total = 0
+        self._finished_total = 0
+        self._aborted_total = 0
+
+    @classmethod
+    def from_settings(cls, settings: AppSettings) -> "SGLangEngine":
+        return cls(settings.model, settings.engine)
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    @property
+    def sgl(self) -> Any:
+        """The underlying `sglang.Engine` (benchmarks compare against it directly)."""
+        if self._sgl is None:
+            raise EngineError("the SGLang engine is not started")
+        return self._sgl
+
+    async def start(self) -> None:
+        async with self._start_lock:
+            if self._sgl is not None:
+                return
+            sglang, server_args_class = _import_sglang()
+            kwargs = server_args_from_settings(self._model_settings, self._engine_settings)
+            kwargs["model_path"], kwargs["tokenizer_path"] = resolve_paths(self._model_settings)
+            try:
+                check_server_arg_names(kwargs, server_args_class)
+            except ValueError as exc:
+                raise EngineError(str(exc)) from exc
+            self._check_visible_gpus(kwargs.get("tp_size", 1) * kwargs.get("dp_size", 1))
+            self._kwargs = kwargs
+            self._incremental = bool(kwargs.get("incremental_streaming_output", False))
+            self._loop = asyncio.get_running_loop()
+
+            on_main = threading.current_thread() is threading.main_thread()
+            saved = _saved_handlers() if on_main else {}
+            _LIVE_ENGINES.add(self)
+            if on_main:
+                # A module-level function: ServerArgs travels to SGLang's subprocesses by pickle.
+                kwargs = {**kwargs, "custom_sigquit_handler": _sigquit_handler}
+            else:
+                _ignore_signal_at_c_level(signal.SIGQUIT)
+            children_before = _child_pids()
+            started = time.monotonic()
+            try:
+                # Blocks this thread while SGLang loads the model and captures CUDA graphs; SGLang
+                # binds its tokenizer manager to the running loop, so it must be built on it.
+                self._sgl = sglang.Engine(**kwargs)
+            except Exception as exc:
+                raise EngineError(f"SGLang failed to start: {type(exc).__name__}: {exc}") from exc
+            tm = self._sgl.tokenizer_manager
+            # Start SGLang's output loop now, then take back the signal handlers it installs on
+            # the main thread (they kill the whole process tree on SIGTERM/SIGQUIT).
+            tm.auto_create_handle_loop()
+            if on_main:
+                _restore_handlers(self._loop, saved)
+            self._watchdog = _ChildWatchdog(
+                sorted(_child_pids() - children_before), self._mark_dead_threadsafe
+            )
+            self._watchdog.start()
+            self._build_model_info(tm)
+            logger.info(
+                "sglang %s engine started in %.1fs: %s",
+                _sglang_version(),
+                time.monotonic() - started,
+                {k: v for k, v in self._kwargs.items() if k != "custom_sigquit_handler"},
+            )
+
+    @staticmethod
+    def _check_visible_gpus(needed: int) -> None:
+        try:
+            import torch
+
+            visible = torch.cuda.device_count()
+        except Exception as exc:  # noqa: BLE001 - torch without CUDA
+            raise EngineError(f"engine.kind 'sglang' needs CUDA; torch reports: {exc}") from exc
+        if visible < needed:
+            raise EngineError(
+                f"engine needs {needed} GPU(s) (tp_size x dp_size) but {visible} are visible "
+                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); give the "
+                f"replica num_gpus={needed} in its ray_actor_options"
+            )
+
+    def _build_model_info(self, tm: Any) -> None:
+        model_config = tm.model_config
+        hf_eos = getattr(model_config, "hf_eos_token_id", None) or set()
+        eos = sorted(int(t) for t in (hf_eos if isinstance(hf_eos, (set, list, tuple)) else [hf_eos]))
+        if tm.tokenizer is not None:
+            if not eos and tm.tokenizer.eos_token_id is not None:
+                eos = [int(tm.tokenizer.eos_token_id)]
+            self._tokenizer = HFTokenizer(tm.tokenizer, eos)
+        self._model_info = ModelInfo(
+            model_path=self._model_settings.model_path,
+            served_model_name=self._model_settings.name,
+            context_length=int(tm.context_len),
+            vocab_size=int(model_config.vocab_size),
+            eos_token_ids=eos,
+        )
+
+    async def shutdown(self) -> None:
+        if self._sgl is None:
+            return
+        if self._watchdog is not None:
+            self._watchdog.stop()
+        _LIVE_ENGINES.discard(self)
+        sgl, self._sgl = self._sgl, None
+        # SGLang's shutdown waits for its scheduler to release the GPU (up to a minute).
+        await asyncio.to_thread(sgl.shutdown)
+
+    # ---- death -------------------------------------------------------------------------------
+    def _mark_dead_threadsafe(self, reason: str) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            self._dead_reason = self._dead_reason or reason
+            return
+        try:
+            loop.call_soon_threadsafe(self._mark_dead, reason)
+        except RuntimeError:  # loop closing
+            self._dead_reason = self._dead_reason or reason
+
+    def _mark_dead(self, reason: str) -> None:
+        """Runs on the loop: fail every request in flight instead of leaving it waiting forever."""
+        if self._dead_reason is not None:
+            return
+        self._dead_reason = reason
+        logger.error("SGLang engine is dead: %s", reason)
+        if self._sgl is None:
+            return
+        tm = self._sgl.tokenizer_manager
+        try:
+            from sglang.srt.managers.io_struct import AbortReq
+        except Exception:  # noqa: BLE001
+            return
+        for rid in list(self._flights):
+            try:
+                tm._handle_abort_req(
+                    AbortReq(
+                        rid=rid,
+                        finished_reason={"type": "abort", "message": reason, "status_code": 500},
+                    )
+                )
+            except Exception:  # noqa: BLE001 - best effort wake-up; the request errors anyway
+                logger.exception("could not fail request %s", rid)
+
+    def _require_serving(self) -> Any:
+        if self._dead_reason is not None:
+            raise EngineError(f"the SGLang engine is dead: {self._dead_reason}")
+        if self._sgl is None:
+            raise EngineError("the SGLang engine is not started")
+        return self._sgl
+
+    # ---- requests ----------------------------------------------------------------------------
+    def _validate(self, request: GenerateRequest) -> None:
+        info = self.model_info()
+        sampling = request.sampling
+        if sampling.n != 1:
+            raise InvalidRequestError(
+                f"n={sampling.n}: the engine generates one sequence per request "
+                "(n > 1 is fanned out above the engine)",
+                param="n",
+            )
+        if request.text is not None and self._tokenizer is None:
+            raise InvalidRequestError(
+                "this engine runs without a tokenizer (skip_tokenizer_init); send input_ids",
+                param="text",
+            )
+        if request.input_ids is not None:
+            ids = request.input_ids
+            if not ids:
+                raise InvalidRequestError("input_ids is empty", param="input_ids")
+            bad = next((t for t in ids if not 0 <= t < info.vocab_size), None)
+            if bad is not None:
+                raise InvalidRequestError(
+                    f"input_ids contains token id {bad}, outside the vocabulary "
+                    f"[0, {info.vocab_size})",
+                    param="input_ids",
+                )
+            if len(ids) >= info.context_length:
+                raise InvalidRequestError(
+                    f"the prompt has {len(ids)} tokens; the model's context length is "
+                    f"{info.context_length} tokens",
+                    param="input_ids",
+                )
+        if sampling.constraint is not None and self._kwargs.get("grammar_backend") == "none":
+            kind = sampling.constraint[0]
+            raise ValidationError(
+                f"{kind} constraints need a grammar backend; this engine runs with "
+                "grammar_backend 'none'",
+                param=f"sampling_params.{kind}",
+            )
+        if request.return_logprob and request.logprob_start_len >= 0 and request.input_ids:
+            if request.logprob_start_len >= len(request.input_ids):
+                raise InvalidRequestError(
+                    f"logprob_start_len {request.logprob_start_len} is not inside the "
+                    f"{len(request.input_ids)}-token prompt",
+                    param="logprob_start_len",
+                )
+
+    @staticmethod
+    def sampling_params_for_sglang(sampling: SamplingParams) -> dict[str, Any]:
+        params = sampling.model_dump(exclude={"n", "seed"}, exclude_none=True)
+        if not params.get("stop"):
+            params.pop("stop", None)
+        if not params.get("stop_token_ids"):
+            params.pop("stop_token_ids", None)
+        if sampling.seed is not None:
+            params["sampling_seed"] = sampling.seed
+        return params
+
+    def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
+        return self._generate(request, count_in_stats=True)
+
+    async def _generate(
+        self, request: GenerateRequest, *, count_in_stats: bool
+    ) -> AsyncIterator[GenerateOutput]:
+        sgl = self._require_serving()
+        self._validate(request)
+        rid = request.rid
+        if rid in self._flights:
+            raise InvalidRequestError(f"request id {rid!r} is already in flight", param="rid")
+        arrival = time.time()
+        prompt_len = len(request.input_ids) if request.input_ids is not None else 0
+        flight = _Flight(rid, prompt_len, request.sampling.max_new_tokens)
+        self._flights[rid] = flight
+        constraint = request.sampling.constraint
+        want_logprob_text = request.return_text_in_logprobs and self._tokenizer is not None
+        finished = False
+        stream: Any = None
+        try:
+            try:
+                result = await sgl.async_generate(
+                    prompt=request.text,
+                    input_ids=request.input_ids,
+                    sampling_params=self.sampling_params_for_sglang(request.sampling),
+                    return_logprob=request.return_logprob,
+                    logprob_start_len=request.logprob_start_len,
+                    top_logprobs_num=request.top_logprobs_num,
+                    # Non-streaming requests get one output from SGLang (no per-token messages).
+                    stream=request.stream,
+                    rid=rid,
+                )
+            except Exception as exc:
+                raise self._map_exception(exc) from exc
+            if request.stream:
+                stream = result
+                iterator = stream.__aiter__()
+            else:
+                iterator = _one(result)
+            cursor = _StreamCursor()
+            stops = tuple(request.sampling.stop)
+            if stops and request.stream and not request.sampling.no_stop_trim:
+                cursor.text = _TextEmitter(stops)
+            first_token_time: float | None = None
+            while True:
+                try:
+                    chunk = await iterator.__anext__()
+                except StopAsyncIteration:
+                    break
+                except Exception as exc:
+                    raise self._map_exception(exc) from exc
+                meta = chunk["meta_info"]
+                raw_finish = meta.get("finish_reason")
+                if raw_finish and isinstance(raw_finish, dict) and raw_finish.get("type") == "abort":
+                    if self._dead_reason is not None:
+                        raise EngineError(f"the SGLang engine died: {self._dead_reason}")
+                    if raw_finish.get("status_code") is not None:
+                        raise _error_for_sglang_abort(raw_finish, constraint)
+                out = self._increment(chunk, meta, cursor, request, want_logprob_text)
+                if out is None:
+                    continue
+                if first_token_time is None and out.token_ids:
+                    first_token_time = time.time()
+                out.engine_arrival_time = arrival
+                out.first_token_time = first_token_time
+                flight.completion_tokens = out.completion_tokens
+                if flight.prompt_tokens == 0:
+                    flight.prompt_tokens = out.prompt_tokens
+                if out.finished:
+                    finished = True
+                    if count_in_stats:
+                        self._count_finished(out)
+                yield out
+                if finished:
+                    return
+            if not finished:
+                raise EngineError(f"SGLang ended request {rid} without a final output")
+        finally:
+            self._flights.pop(rid, None)
+            if not finished:
+                self._abort_quietly(rid)
+                if count_in_stats:
+                    self._aborted_total += 1
+            if stream is not None:
+                await stream.aclose()
+
+    def _increment(
+        self,
+        chunk: dict[str, Any],
+        meta: dict[str, Any],
+        cursor: _StreamCursor,
+        request: GenerateRequest,
+        want_logprob_text: bool,
+    ) -> GenerateOutput | None:
+        """The new part of one SGLang chunk as a GenerateOutput (None if nothing is new)."""
+        ids = chunk.get("output_ids") or []
+        text = chunk.get("text")
+        finish = _finish_reason(meta.get("finish_reason"))
+        finished = finish is not None
+        if self._incremental:
+            new_ids = list(ids)
+            cursor.text.full += text or ""
+            new_text = cursor.text.delta(cursor.text.full, finished)
+        else:
+            new_ids = list(ids[cursor.ids :])
+            cursor.ids = max(cursor.ids, len(ids))
+            new_text = cursor.text.delta(text, finished) if text is not None else ""
+        out = GenerateOutput.model_construct(
+            rid=request.rid,
+            text=new_text,
+            token_ids=new_ids,
+            finished=finished,
+            finish_reason=finish,
+            prompt_tokens=int(meta.get("prompt_tokens") or 0),
+            completion_tokens=int(meta.get("completion_tokens") or 0),
+            cached_tokens=int(meta.get("cached_tokens") or 0),
+            output_token_logprobs=None,
+            output_top_logprobs=None,
+            input_token_logprobs=None,
+            input_top_logprobs=None,
+            engine_arrival_time=None,
+            first_token_time=None,
+        )
+        if request.return_logprob:
+            self._attach_logprobs(out, meta, cursor, request, want_logprob_text)
+        if not new_ids and not new_text and finish is None and not out.input_token_logprobs:
+            return None
+        return out
+
+    def _attach_logprobs(
+        self,
+        out: GenerateOutput,
+        meta: dict[str, Any],
+        cursor: _StreamCursor,
+        request: GenerateRequest,
+        want_text: bool,
+    ) -> None:
+        outputs = meta.get("output_token_logprobs") or []
+        tops = meta.get("output_top_logprobs") or []
+        if self._incremental:
+            out.output_token_logprobs = self._entries(outputs, want_text)
+            if request.top_logprobs_num:
+                out.output_top_logprobs = [self._entries(t, want_text) for t in tops]
+        else:
+            out.output_token_logprobs = self._entries(outputs[cursor.output_logprobs :], want_text)
+            cursor.output_logprobs = max(cursor.output_logprobs, len(outputs))
+            if request.top_logprobs_num:
+                out.output_top_logprobs = [
+                    self._entries(t, want_text) for t in tops[cursor.output_top_logprobs :]
+                ]
+                cursor.output_top_logprobs = max(cursor.output_top_logprobs, len(tops))
+        if not cursor.input_logprobs_sent and request.logprob_start_len >= 0:
+            inputs = meta.get("input_token_logprobs")
+            if inputs:
+                cursor.input_logprobs_sent = True
+                out.input_token_logprobs = self._entries(inputs, want_text)
+                if request.top_logprobs_num:
+                    out.input_top_logprobs = [
+                        self._entries(t, want_text) if t else None
+                        for t in (meta.get("input_top_logprobs") or [])
+                    ]
+
+    def _entries(self, raw: list[Any], want_text: bool) -> list[tuple[Any, int, str | None]]:
+        """SGLang's (logprob, token_id, text) triples; text filled in by our tokenizer if asked."""
+        if not raw:
+            return []
+        if not want_text:
+            return [(lp, int(tid), None) for lp, tid, *_ in raw]
+        assert self._tokenizer is not None
+        return [(lp, int(tid), self._tokenizer.decode([int(tid)], False)) for lp, tid, *_ in raw]
+
+    def _count_finished(self, out: GenerateOutput) -> None:
+        self._finished_total += 1
+        if out.finish_reason is not None and out.finish_reason.type == "abort":
+            self._aborted_total += 1
+        self._prompt_tokens_total += out.prompt_tokens
+        self._generation_tokens_total += out.completion_tokens
+        self._cached_tokens_total += out.cached_tokens
+
+    def _map_exception(self, exc: BaseException) -> BaseException:
+        if isinstance(exc, APIError):
+            return exc
+        if self._dead_reason is not None:
+            return EngineError(f"the SGLang engine died: {self._dead_reason}")
+        status = getattr(exc, "status_code", None)
+        if status == 499:
+            return RequestAbortedError(str(exc))
+        if isinstance(exc, ValueError):
+            return InvalidRequestError(str(exc))
+        detail = getattr(exc, "detail", None)  # fastapi.HTTPException from SGLang
+        if status is not None and detail is not None:
+            return _error_for_sglang_abort({"status_code": status, "message": detail}, None)
+        return EngineError(f"SGLang failed: {type(exc).__name__}: {exc}")
+
+    def _abort_quietly(self, rid: str) -> None:
+        sgl = self._sgl
+        if sgl is None or self._dead_reason is not None:
+            return
+        try:
+            sgl.tokenizer_manager.abort_request(rid)
+        except Exception:  # noqa: BLE001 - the request is being dropped anyway
+            logger.exception("abort of %s failed", rid)
+
+    async def abort(self, rid: str) -> bool:
+        if rid not in self._flights:
+            return False
+        self._abort_quietly(rid)
+        return True
+
+    async def flush_cache(self) -> bool:
+        sgl = self._require_serving()
+        result = await sgl.tokenizer_manager.flush_cache()
+        return bool(getattr(result, "success", result))
+
+    async def health_check(self, timeout_s: float = 10.0) -> None:
+        self._require_serving()
+        request = GenerateRequest(
+            rid=f"health-{time.monotonic_ns()}",
+            input_ids=HEALTH_PROMPT_IDS,
+            sampling=SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True),
+        )
+
+        async def one_token() -> int:
+            produced = 0
+            async for out in self._generate(request, count_in_stats=False):
+                produced += len(out.token_ids)
+            return produced
+
+        try:
+            produced = await asyncio.wait_for(one_token(), timeout_s)
+        except asyncio.TimeoutError as exc:
+            raise EngineError(f"SGLang health check: no token within {timeout_s:.1f}s") from exc
+        if produced != 1:
+            raise EngineError(f"SGLang health check produced {produced} tokens instead of 1")
+
+    # ---- introspection -----------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        running = waiting = used = capacity = 0
+        throughput = 0.0
+        snapshots = self._load_snapshots()
+        if snapshots:
+            running = sum(s.num_running_reqs for s in snapshots)
+            waiting = sum(s.num_waiting_reqs for s in snapshots)
+            used = sum(s.num_used_tokens for s in snapshots)
+            capacity = sum(s.max_total_num_tokens for s in snapshots)
+            throughput = float(sum(s.gen_throughput for s in snapshots))
+        else:
+            running = len(self._flights)
+        outstanding = 0
+        for flight in self._flights.values():
+            if flight.completion_tokens == 0:
+                outstanding += flight.prompt_tokens
+            outstanding += max(0, flight.max_new_tokens - flight.completion_tokens)
+        return EngineStats(
+            num_running=running,
+            num_waiting=waiting,
+            num_used_tokens=used,
+            max_total_tokens=capacity,
+            cache_hit_tokens=self._cached_tokens_total,
+            cache_query_tokens=self._prompt_tokens_total,
+            prompt_tokens_total=self._prompt_tokens_total,
+            generation_tokens_total=self._generation_tokens_total,
+            requests_finished_total=self._finished_total,
+            requests_aborted_total=self._aborted_total,
+            gen_throughput_tok_s=throughput,
+            outstanding_tokens=outstanding,
+        )
+
+    def _load_snapshots(self) -> list[Any]:
+        """SGLang's scheduler publishes its load to shared memory after every batch and when idle;
+        reading it costs no round trip to the scheduler."""
+        if self._sgl is None:
+            return []
+        reader = getattr(self._sgl.tokenizer_manager, "load_snapshot_reader", None)
+        if reader is None:
+            return []
+        try:
+            return list(reader.read_all())
+        except Exception:  # noqa: BLE001 - stats must never raise
+            return []
+
+    def model_info(self) -> ModelInfo:
+        if self._model_info is None:
+            raise EngineError("the SGLang engine is not started")
+        return self._model_info
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            raise EngineError(
+                "this SGLang engine has no tokenizer (skip_tokenizer_init, or not started)"
+            )
+        return self._tokenizer
+
+    def server_args(self) -> dict[str, Any]:
+        args = {k: v for k, v in self._kwargs.items() if k != "custom_sigquit_handler"}
+        args["engine"] = f"sglang {_sglang_version()}"
+        args["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if self._sgl is not None:
+            try:
+                resolved = self._sgl.server_args
+                for name in ("max_total_tokens", "max_running_requests", "chunked_prefill_size",
+                             "attention_backend", "sampling_backend", "mem_fraction_static"):
+                    args.setdefault(f"resolved_{name}", getattr(resolved, name, None))
+            except Exception:  # noqa: BLE001
+                pass
+        return args
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+async def _one(item: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    yield item
+
+
+def _child_pids() -> set[int]:
+    import psutil
+
+    return {p.pid for p in psutil.Process().children(recursive=False)}
+
+
+_LIVE_ENGINES: "weakref.WeakSet[SGLangEngine]" = weakref.WeakSet()
+
+
+def _sigquit_handler(signum: int, frame: Any) -> None:
+    """SIGQUIT from an SGLang subprocess means it failed: mark the engines dead, keep the process."""
+    for engine in list(_LIVE_ENGINES):
+        engine._mark_dead_threadsafe("an SGLang subprocess failed (it sent SIGQUIT)")
+
+
+def _saved_handlers() -> dict[int, Any]:
+    return {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGQUIT)}
+
+
+def _restore_handlers(loop: asyncio.AbstractEventLoop, saved: dict[int, Any]) -> None:
+    """Undo SGLang's main-thread signal handling: SIGTERM/SIGINT go back to what they were before
+    the engine started, SIGQUIT to our handler that marks the engine dead."""
+    for sig in saved:
+        try:
+            loop.remove_signal_handler(sig)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass
+    for sig, handler in saved.items():
+        if sig == signal.SIGQUIT:
+            signal.signal(sig, _sigquit_handler)
+        elif handler is not None:
+            signal.signal(sig, handler)

@@ -1,0 +1,153 @@
+"""What the HTTP handlers share: the tokenizer, the model's limits, and calls into the scheduler.
+
+The ingress tokenizes (so the scheduler can route on token ids and prompts that cannot fit are
+refused before they queue) and fans a request out when it asks for several sequences (`n`, batched
+prompts); everything below it sees one sequence per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from ray.serve.handle import DeploymentHandle
+
+from app.config import AppSettings
+from app.engines.base import Tokenizer
+from app.errors import APIError, EngineError, InvalidRequestError, unwrap_error
+from app.metrics import observe_sequence
+from app.protocol import GenerateOutput, GenerateRequest
+
+
+@dataclass
+class ModelLimits:
+    name: str
+    model_path: str
+    context_length: int
+    vocab_size: int
+
+
+class Gateway:
+    def __init__(
+        self,
+        settings: AppSettings,
+        scheduler: DeploymentHandle,
+        tokenizer: Tokenizer,
+        limits: ModelLimits,
+    ):
+        self.settings = settings
+        self.scheduler = scheduler
+        self.tokenizer = tokenizer
+        self.limits = limits
+
+    # -- request preparation -------------------------------------------------------------------
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def encode_chat_prompt(self, prompt: str) -> list[int]:
+        """Tokenize a rendered chat template, adding BOS only if the template did not write it."""
+        bos = getattr(getattr(self.tokenizer, "hf", None), "bos_token", None)
+        return self.tokenizer.encode(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))
+
+    def check_prompt(self, input_ids: list[int], max_new_tokens: int, param: str) -> int:
+        """Refuse prompts that cannot fit; return max_new_tokens clipped to the context left."""
+        context = self.limits.context_length
+        if not input_ids:
+            raise InvalidRequestError("the prompt is empty", param=param, code="empty_prompt")
+        bad = next((t for t in input_ids if not 0 <= t < self.limits.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequestError(
+                f"token id {bad} is outside the vocabulary (0..{self.limits.vocab_size - 1})",
+                param=param,
+                code="invalid_token_id",
+            )
+        if len(input_ids) >= context:
+            raise InvalidRequestError(
+                f"the prompt has {len(input_ids)} tokens, but the model's context length is "
+                f"{context} tokens (and at least one token must be generated)",
+                param=param,
+                code="context_length_exceeded",
+            )
+        return min(max_new_tokens, context - len(input_ids))
+
+    # -- calls into the scheduler --------------------------------------------------------------
+
+    async def stream(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
+        """One sequence's increments; errors from below come out as APIError."""
+        try:
+            response = self.scheduler.options(stream=True).generate.remote(request)
+            async for out in observe_sequence(request, response):  # latencies/tokens (app.metrics)
+                yield out
+        except Exception as exc:  # noqa: BLE001 - mapped to the client's error shape
+            raise _as_api_error(exc) from None
+
+    async def call_scheduler(self, method: str, *args: Any) -> Any:
+        """A unary scheduler call; errors from below come out as APIError."""
+        try:
+            return await getattr(self.scheduler, method).remote(*args)
+        except Exception as exc:  # noqa: BLE001
+            raise _as_api_error(exc) from None
+
+    async def stream_scheduler(self, method: str, *args: Any) -> AsyncIterator[Any]:
+        try:
+            async for item in getattr(self.scheduler.options(stream=True), method).remote(*args):
+                yield item
+        except Exception as exc:  # noqa: BLE001
+            raise _as_api_error(exc) from None
+
+    async def complete(self, request: GenerateRequest) -> GenerateOutput:
+        merged: GenerateOutput | None = None
+        async for out in self.stream(request):
+            merged = out if merged is None else merged.merge(out)
+        if merged is None:
+            raise EngineError("the engine returned no output")
+        return merged
+
+    async def complete_many(self, requests: list[GenerateRequest]) -> list[GenerateOutput]:
+        return list(await asyncio.gather(*(self.complete(r) for r in requests)))
+
+    async def stream_many(
+        self, requests: list[GenerateRequest]
+    ) -> AsyncIterator[tuple[int, GenerateOutput]]:
+        """Interleave several streams as (index, increment) pairs, in arrival order."""
+        if len(requests) == 1:
+            async for out in self.stream(requests[0]):
+                yield 0, out
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        async def pump(index: int, request: GenerateRequest) -> None:
+            try:
+                async for out in self.stream(request):
+                    await queue.put((index, out))
+            except BaseException as exc:  # noqa: BLE001 - forwarded to the consumer
+                await queue.put((index, exc))
+            finally:
+                await queue.put((index, done))
+
+        tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
+        remaining = len(tasks)
+        try:
+            while remaining:
+                index, item = await queue.get()
+                if item is done:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield index, item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _as_api_error(exc: BaseException) -> APIError:
+    cause = unwrap_error(exc)
+    if isinstance(cause, APIError):
+        return cause
+    return EngineError(f"generation failed: {type(cause).__name__}: {cause}")

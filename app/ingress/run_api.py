@@ -1,0 +1,65 @@
+"""POST /run: a whole SGLang-style program executed inside sglserve (see docs/run-language.md).
+
+The ingress parses and checks the program first (413/422 with line and column before anything
+queues), then hands it to the scheduler, which admits it like one request and runs it whole on one
+replica, next to that replica's prefix cache. `stream: true` answers with SSE: one event per text
+piece / finished variable, then the final result, then `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from app.ingress.gateway import Gateway
+from app.ingress.sse import sse_event, sse_stream
+from app.lang import parse
+from app.lang.request import RunRequest
+from app.protocol import GenerateRequest, SamplingParams
+
+ROUTING_PREFIX_CHARS = 4096  # the program's leading text used as the routing key
+
+
+def _leading_text(program: str | list[Any]) -> str:
+    """The literal text a program starts with: what its first engine call will share."""
+    if isinstance(program, str):
+        end = program.find("{")
+        return program[: end if end >= 0 else len(program)][:ROUTING_PREFIX_CHARS]
+    first = program[0] if program else None
+    if isinstance(first, dict) and isinstance(first.get("text"), str):
+        return first["text"][:ROUTING_PREFIX_CHARS]
+    return ""
+
+
+def run_router(gateway_of) -> APIRouter:
+    router = APIRouter()
+
+    @router.post("/run")
+    async def run(body: RunRequest, request: Request):
+        gateway: Gateway = gateway_of(request)
+        parse(body.program, settings=gateway.settings.run, arguments=body.arguments)  # 413/422 now
+        lead = _leading_text(body.program)
+        route = GenerateRequest(
+            rid=uuid.uuid4().hex,
+            input_ids=gateway.tokenize(lead) if lead else [0],
+            sampling=SamplingParams(max_new_tokens=min(gateway.settings.run.max_total_tokens, 1 << 16)),
+            tenant=getattr(request.state, "tenant", None) or "anonymous",
+            priority=getattr(request.state, "priority", 0),
+            session_id=uuid.uuid4().hex,
+        )
+        payload = body.model_dump(mode="json")
+        if not body.stream:
+            result = await gateway.call_scheduler("run_program", route, payload)
+            return JSONResponse(result)
+
+        async def events() -> AsyncIterator[str]:
+            async for event in gateway.stream_scheduler("run_program_stream", route, payload):
+                yield sse_event(event)
+
+        return StreamingResponse(sse_stream(events()), media_type="text/event-stream")
+
+    return router

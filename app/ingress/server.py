@@ -1,0 +1,194 @@
+"""The HTTP ingress deployment: FastAPI app, error rendering, liveness/readiness, routers.
+
+Every error leaves as `{"error": {"message", "type", "param", "code"}}` with its status: a body
+that is not JSON -> 400; a field of the wrong type or out of range -> 422 naming the field
+(`messages[0].role`); our own APIErrors keep their status and headers (503 + Retry-After).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.config import AppSettings
+from app.errors import APIError, NotFoundError, PayloadTooLargeError, unwrap_error
+from app.ingress.gateway import Gateway, ModelLimits
+from app.ingress.native_api import native_router
+from app.ingress.openai_api import openai_router
+from app.ingress.run_api import run_router
+from app.logs import configure_ingress_observability, start_request_trace
+
+logger = logging.getLogger("sglserve.ingress")
+
+api = FastAPI(title="sglserve", docs_url="/docs", redoc_url=None)
+
+
+def gateway_of(request: Request) -> Gateway:
+    gateway: Gateway | None = getattr(request.app.state, "gateway", None)
+    if gateway is None:
+        raise APIError("the server is still starting", status_code=503, code="starting")
+    return gateway
+
+
+api.include_router(openai_router(gateway_of))
+api.include_router(native_router(gateway_of))
+api.include_router(run_router(gateway_of))
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+
+def _error_response(error: APIError, request: Request | None = None) -> JSONResponse:
+    headers = dict(error.headers)
+    if request is not None and getattr(request.state, "request_id", None):
+        headers["X-Request-Id"] = request.state.request_id
+    return JSONResponse(error.to_body(), status_code=error.status_code, headers=headers)
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    """('body', 'messages', 0, 'role') -> 'messages[0].role'."""
+    path = ""
+    for part in loc:
+        if part == "body" and not path:
+            continue
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += ("." if path else "") + str(part)
+    return path
+
+
+@api.exception_handler(APIError)
+async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+    return _error_response(exc, request)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": "value_error"}
+    if first.get("type") == "json_invalid":
+        error = APIError(
+            f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}",
+            status_code=400,
+            code="invalid_json",
+        )
+        error.error_type = "invalid_request_error"
+        return _error_response(error, request)
+    # Union types report one error per alternative; name the field once, list what was wrong.
+    param = _field_path(tuple(first.get("loc", ())))
+    messages = sorted({e.get("msg", "") for e in errors if _field_path(tuple(e.get("loc", ()))).startswith(param.split("[")[0])})
+    detail = "; ".join(m for m in messages if m)[:500] or "invalid value"
+    error = APIError(
+        f"invalid value for '{param or 'body'}': {detail}", status_code=422, param=param or None, code="invalid_value"
+    )
+    error.error_type = "invalid_request_error"
+    return _error_response(error, request)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if exc.status_code == 404:
+        error: APIError = NotFoundError(f"no route {request.method} {request.url.path}", code="route_not_found")
+    else:
+        error = APIError(str(exc.detail), status_code=exc.status_code)
+        error.error_type = "invalid_request_error"
+    return _error_response(error, request)
+
+
+@api.exception_handler(Exception)
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    cause = unwrap_error(exc)
+    if isinstance(cause, APIError):
+        return _error_response(cause, request)
+    logger.exception("unhandled error on %s", request.url.path)
+    return _error_response(APIError(f"internal error: {type(cause).__name__}: {cause}"), request)
+
+
+# -- request middleware ----------------------------------------------------------------------------
+
+
+@api.middleware("http")
+async def _request_context(request: Request, call_next):
+    request.state.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+    request.state.started = time.monotonic()
+    trace = start_request_trace(request)  # metrics + one JSON log line per request (app.logs)
+    gateway: Gateway | None = getattr(request.app.state, "gateway", None)
+    limit = gateway.settings.ingress.max_request_bytes if gateway else 4 * 1024 * 1024
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        return trace.finish(_error_response(
+            PayloadTooLargeError(f"the request body has {length} bytes; the limit is {limit}"), request
+        ))
+    response = await call_next(request)
+    response.headers["X-Request-Id"] = request.state.request_id
+    return trace.finish(response)
+
+
+# -- liveness and readiness ------------------------------------------------------------------------
+
+
+@api.get("/health")
+async def health() -> JSONResponse:
+    """Liveness: the HTTP ingress answers. Says nothing about the model (see /ready)."""
+    return JSONResponse({"status": "ok"})
+
+
+@api.get("/ready")
+async def ready(request: Request) -> JSONResponse:
+    """Readiness: a real 1-token generation through the scheduler and a replica, bounded in time."""
+    gateway = gateway_of(request)
+    timeout_s = gateway.settings.ingress.ready_timeout_s
+    try:
+        probe = await gateway.scheduler.check_ready.remote(timeout_s)
+    except Exception as exc:  # noqa: BLE001 - any failure means not ready
+        cause = unwrap_error(exc)
+        return JSONResponse(
+            {"status": "not_ready", "reason": f"{type(cause).__name__}: {cause}"[:300]}, status_code=503
+        )
+    return JSONResponse({"status": "ready", **probe})
+
+
+# -- the deployment --------------------------------------------------------------------------------
+
+
+def load_model_limits(settings: AppSettings) -> tuple[ModelLimits, Any]:
+    from transformers import AutoConfig
+
+    from app.engines.hf_tokenizer import HFTokenizer
+    from app.engines.tiny_model import resolve_model_path
+
+    path = resolve_model_path(settings.model)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=settings.model.trust_remote_code)
+    tokenizer = HFTokenizer(settings.model.tokenizer_path or path, trust_remote_code=settings.model.trust_remote_code)
+    context = settings.model.context_length or getattr(config, "max_position_embeddings", 4096)
+    limits = ModelLimits(
+        name=settings.model.name,
+        model_path=settings.model.model_path,
+        context_length=int(context),
+        vocab_size=int(config.vocab_size),
+    )
+    return limits, tokenizer
+
+
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, scheduler: DeploymentHandle, settings: dict[str, Any]):
+        app_settings = AppSettings.from_args(settings)
+        limits, tokenizer = load_model_limits(app_settings)
+        configure_ingress_observability(limits.name, app_settings.observability)
+        api.state.gateway = Gateway(app_settings, scheduler, tokenizer, limits)
+        logger.info("ingress ready for model %s", json.dumps(limits.name))
+
+
+IngressDeployment = serve.deployment(name="Ingress", max_ongoing_requests=1024)(Ingress)

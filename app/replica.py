@@ -1,0 +1,117 @@
+"""The model replica deployment: one engine, pinned to its device(s), behind a small async API.
+
+The scheduler calls `generate` (streaming) on a replica it chose; Ray Serve runs as many replicas as
+`serve_config.yaml` (or the autoscaler) asks for, each with its own `ray_actor_options` (num_gpus
+pins a replica to its GPU through CUDA_VISIBLE_DEVICES). The replica publishes its load to the
+request router (`record_routing_stats`) and to the autoscaler (`record_autoscaling_stats`), and
+proves it can generate in `check_health`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray import serve
+
+from app.config import AppSettings
+from app.engines.base import Engine
+from app.metrics import ReplicaMetrics
+from app.protocol import EngineStats, GenerateOutput, GenerateRequest, ModelInfo
+from app.streaming import coalesce
+
+logger = logging.getLogger("sglserve.replica")
+
+
+class ModelReplica:
+    async def __init__(self, settings: dict[str, Any]):
+        from app.engines.factory import make_engine  # engines import heavy libraries
+
+        self.settings = AppSettings.from_args(settings)
+        started = time.monotonic()
+        self.engine: Engine = make_engine(self.settings)
+        await self.engine.start()
+        from app.lang import ProgramRunner
+
+        self.programs = ProgramRunner(self.engine, self.settings.run)
+        self.metrics = ReplicaMetrics(self.settings.model.name, self.settings.observability, self.engine.stats)
+        self._health_timeout_s = self.settings.ingress.ready_timeout_s
+        logger.info(
+            "replica ready: model=%s engine=%s in %.1fs",
+            self.settings.model.model_path,
+            self.settings.engine.kind,
+            time.monotonic() - started,
+        )
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
+        """Stream one request's increments, coalesced for the hop back to the scheduler."""
+        scheduler = self.settings.scheduler
+        stream = coalesce(
+            self.engine.generate(request),
+            max_tokens=scheduler.decoding_chunk_size,
+            interval_s=scheduler.stream_interval_ms / 1000.0,
+        )
+        async for out in stream:
+            yield out
+
+    async def run_program(self, route: GenerateRequest, body: dict[str, Any]) -> dict[str, Any]:
+        """Run a whole /run program on this replica's engine. `route` only carries the routing
+        key (the program's leading text) for the request router; the body is the program."""
+        result = await self.programs.run(body)
+        return result.model_dump(mode="json")
+
+    async def run_program_stream(self, route: GenerateRequest, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        async for event in self.programs.run_stream(body):
+            yield event.model_dump(mode="json", exclude_none=True)
+
+    async def abort(self, rid: str) -> bool:
+        return await self.engine.abort(rid)
+
+    async def flush_cache(self) -> bool:
+        return await self.engine.flush_cache()
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    def model_info(self) -> ModelInfo:
+        return self.engine.model_info()
+
+    def server_args(self) -> dict[str, Any]:
+        return self.engine.server_args()
+
+    async def check_health(self) -> None:
+        """Ray Serve's health probe: a real 1-token generation, bounded in time."""
+        await asyncio.wait_for(
+            self.engine.health_check(self._health_timeout_s), self._health_timeout_s + 1.0
+        )
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        stats = self.engine.stats()
+        return {
+            "outstanding_tokens": stats.outstanding_tokens,
+            "running": stats.num_running,
+            "waiting": stats.num_waiting,
+        }
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        stats = self.engine.stats()
+        return {
+            "engine_waiting": float(stats.num_waiting),
+            "engine_running": float(stats.num_running),
+            "kv_usage": stats.num_used_tokens / stats.max_total_tokens if stats.max_total_tokens else 0.0,
+        }
+
+    async def __del__(self):  # Ray Serve calls this on graceful shutdown
+        await self.engine.shutdown()
+
+
+ModelReplicaDeployment = serve.deployment(
+    name="ModelReplica",
+    max_ongoing_requests=256,
+    health_check_period_s=10,
+    health_check_timeout_s=30,
+    graceful_shutdown_timeout_s=20,
+)(ModelReplica)

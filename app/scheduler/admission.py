@@ -1,0 +1,269 @@
+"""Admission control: one bounded queue in front of the replicas, with priorities and fairness.
+
+A request gets a slot (one of `max_concurrent`) at once when one is free and nobody waits;
+otherwise it waits in the queue. The queue is bounded:
+
+- full (`max_queue` waiting): 503 at once, Retry-After = queue depth / observed drain rate;
+  except that a request of higher priority than the lowest-priority waiter takes that waiter's
+  place (the waiter gets the 503), so priority holds under overload;
+- waited longer than `max_queue_wait_s`, or past the request's own deadline: 503 "queue_timeout";
+- a deadline already past on arrival: 503 "queue_timeout" at once.
+
+Order of service: strict priority (higher first), then weighted fair queueing across tenants
+within a priority. Fairness uses self-clocked fair queueing (SCFQ): each request gets a virtual
+finish tag `max(V, last_tag[tenant]) + cost / weight[tenant]`, where V is the tag of the request
+most recently admitted; the smallest tag goes first. A flooding tenant's tags run ahead of V, so
+a light tenant's new request (tag ~ V + its own cost) is served after at most about one request of
+every other backlogged tenant: its wait is bounded by the number of tenants, not by the flood.
+Cost is the request's token cost (prompt + max new tokens), so fairness is in tokens, not calls.
+
+Single event loop, no locks: every method runs on the loop that calls `admit`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.errors import OverloadedError
+
+DRAIN_WINDOW_S = 10.0  # completions counted for the drain rate
+MIN_RETRY_AFTER_S = 1.0
+MAX_RETRY_AFTER_S = 60.0
+
+
+@dataclass
+class RequestMeta:
+    rid: str
+    tenant: str = "default"
+    priority: int = 0  # higher is served first
+    deadline: float | None = None  # absolute unix time (time.time()), like GenerateRequest's
+    cost_tokens: int = 1  # prompt tokens + max new tokens: the fairness currency
+
+
+@dataclass(order=True)
+class _Waiter:
+    sort_key: tuple[int, float, int]  # (-priority, virtual finish tag, arrival sequence)
+    meta: RequestMeta = field(compare=False)
+    future: asyncio.Future[None] = field(compare=False)
+    enqueued_at: float = field(compare=False)
+    cancelled: bool = field(default=False, compare=False)
+
+
+class AdmissionQueue:
+    def __init__(
+        self,
+        max_queue: int,
+        max_concurrent: int,
+        max_queue_wait_s: float,
+        tenant_weights: dict[str, float] | None = None,
+    ) -> None:
+        if max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+        if max_concurrent <= 0:
+            raise ValueError(f"max_concurrent must be > 0, got {max_concurrent}")
+        if max_queue_wait_s <= 0:
+            raise ValueError(f"max_queue_wait_s must be > 0, got {max_queue_wait_s}")
+        for tenant, weight in (tenant_weights or {}).items():
+            if weight <= 0:
+                raise ValueError(f"tenant weight of {tenant!r} must be > 0, got {weight}")
+        self.max_queue = max_queue
+        self.max_concurrent = max_concurrent
+        self.max_queue_wait_s = max_queue_wait_s
+        self.tenant_weights = dict(tenant_weights or {})
+        self.in_flight = 0
+        self._heap: list[_Waiter] = []
+        self._depth = 0  # live (not cancelled) waiters in the heap
+        self._tenant_depth: dict[str, int] = {}
+        self._virtual_time = 0.0
+        self._last_tag: dict[str, float] = {}
+        self._sequence = itertools.count()
+        self._completions: deque[float] = deque()  # monotonic times of recent releases
+        self.admitted_total = 0
+        self.rejected_full_total = 0
+        self.rejected_timeout_total = 0
+        self.displaced_total = 0
+
+    # --- the API ----------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def admit(self, meta: RequestMeta) -> AsyncIterator[None]:
+        """Hold one slot for the body of the `async with`; raises OverloadedError when refused."""
+        await self._acquire(meta)
+        try:
+            yield
+        finally:
+            self._release()
+
+    def set_max_concurrent(self, n: int) -> None:
+        if n <= 0:
+            raise ValueError(f"max_concurrent must be > 0, got {n}")
+        self.max_concurrent = n
+        self._dispatch()
+
+    def retry_after_s(self) -> float:
+        """How long the current queue would take to drain at the observed rate."""
+        rate = self.drain_rate()
+        if rate <= 0:
+            return self.max_queue_wait_s
+        return min(MAX_RETRY_AFTER_S, max(MIN_RETRY_AFTER_S, (self._depth + 1) / rate))
+
+    def drain_rate(self) -> float:
+        """Requests completed per second over the last DRAIN_WINDOW_S."""
+        now = time.monotonic()
+        self._forget_old_completions(now)
+        if not self._completions:
+            return 0.0
+        span = max(1.0, min(DRAIN_WINDOW_S, now - self._completions[0]))
+        return len(self._completions) / span
+
+    @property
+    def depth(self) -> int:
+        return self._depth
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "queue_depth": self._depth,
+            "in_flight": self.in_flight,
+            "max_concurrent": self.max_concurrent,
+            "max_queue": self.max_queue,
+            "drain_rate_per_s": round(self.drain_rate(), 3),
+            "tenant_depth": dict(self._tenant_depth),
+            "admitted_total": self.admitted_total,
+            "rejected_full_total": self.rejected_full_total,
+            "rejected_timeout_total": self.rejected_timeout_total,
+            "displaced_total": self.displaced_total,
+        }
+
+    # --- internals ----------------------------------------------------------------------------
+
+    async def _acquire(self, meta: RequestMeta) -> None:
+        wait_s = self.max_queue_wait_s
+        if meta.deadline is not None:
+            wait_s = min(wait_s, meta.deadline - time.time())
+            if wait_s <= 0:
+                self.rejected_timeout_total += 1
+                raise OverloadedError(
+                    f"request {meta.rid} arrived past its deadline",
+                    code="queue_timeout",
+                    retry_after_s=self.retry_after_s(),
+                )
+        if self.in_flight < self.max_concurrent and self._depth == 0:
+            self._take_slot(meta)
+            return
+        if self._depth >= self.max_queue and not self._displace_lower_than(meta.priority):
+            self.rejected_full_total += 1
+            raise OverloadedError(
+                f"server overloaded: {self._depth} requests queued (max_queue={self.max_queue})",
+                retry_after_s=self.retry_after_s(),
+            )
+        waiter = self._enqueue(meta)
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter.future), timeout=wait_s)
+        except asyncio.TimeoutError:
+            if waiter.future.done() and waiter.future.exception() is None:
+                return  # granted in the same instant the timer fired: keep the slot
+            self._cancel(waiter)
+            self.rejected_timeout_total += 1
+            why = "its deadline" if wait_s < self.max_queue_wait_s else f"{self.max_queue_wait_s:g} s"
+            raise OverloadedError(
+                f"request {meta.rid} waited in the queue past {why}",
+                code="queue_timeout",
+                retry_after_s=self.retry_after_s(),
+            ) from None
+        except asyncio.CancelledError:
+            if waiter.future.done() and waiter.future.exception() is None:
+                self._release()  # the slot was granted to a caller that is gone
+            else:
+                self._cancel(waiter)
+            raise
+        # Granted, or displaced (the future carries the OverloadedError): result() raises then.
+        waiter.future.result()
+
+    def _enqueue(self, meta: RequestMeta) -> _Waiter:
+        weight = self.tenant_weights.get(meta.tenant, 1.0)
+        start = max(self._virtual_time, self._last_tag.get(meta.tenant, 0.0))
+        tag = start + max(1, meta.cost_tokens) / weight
+        self._last_tag[meta.tenant] = tag
+        waiter = _Waiter(
+            sort_key=(-meta.priority, tag, next(self._sequence)),
+            meta=meta,
+            future=asyncio.get_running_loop().create_future(),
+            enqueued_at=time.monotonic(),
+        )
+        heapq.heappush(self._heap, waiter)
+        self._depth += 1
+        self._tenant_depth[meta.tenant] = self._tenant_depth.get(meta.tenant, 0) + 1
+        return waiter
+
+    def _cancel(self, waiter: _Waiter) -> None:
+        if not waiter.cancelled and not waiter.future.done():
+            waiter.cancelled = True  # left in the heap, skipped when popped (lazy deletion)
+            self._leave_queue(waiter)
+            waiter.future.cancel()
+
+    def _leave_queue(self, waiter: _Waiter) -> None:
+        self._depth -= 1
+        tenant = waiter.meta.tenant
+        self._tenant_depth[tenant] -= 1
+        if self._tenant_depth[tenant] == 0:
+            del self._tenant_depth[tenant]
+
+    def _displace_lower_than(self, priority: int) -> bool:
+        """Full queue: 503 the newest waiter of the lowest priority below `priority`, if any.
+        O(queue) but only on the full-queue path."""
+        victim: _Waiter | None = None
+        for waiter in self._heap:
+            if waiter.cancelled or waiter.future.done() or waiter.meta.priority >= priority:
+                continue
+            if victim is None or waiter.sort_key > victim.sort_key:
+                victim = waiter
+        if victim is None:
+            return False
+        victim.cancelled = True
+        self._leave_queue(victim)
+        self.displaced_total += 1
+        self.rejected_full_total += 1
+        victim.future.set_exception(
+            OverloadedError(
+                f"request {victim.meta.rid} displaced from a full queue by a higher priority",
+                retry_after_s=self.retry_after_s(),
+            )
+        )
+        return True
+
+    def _take_slot(self, meta: RequestMeta) -> None:
+        self.in_flight += 1
+        self.admitted_total += 1
+
+    def _release(self) -> None:
+        self.in_flight -= 1
+        assert self.in_flight >= 0, "released more slots than were taken"
+        now = time.monotonic()
+        self._completions.append(now)
+        self._forget_old_completions(now)
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        while self.in_flight < self.max_concurrent and self._heap:
+            waiter = heapq.heappop(self._heap)
+            if waiter.cancelled or waiter.future.done():
+                continue
+            self._leave_queue(waiter)
+            self._virtual_time = max(self._virtual_time, waiter.sort_key[1])
+            if self._tenant_depth.get(waiter.meta.tenant, 0) == 0:
+                self._last_tag.pop(waiter.meta.tenant, None)  # idle again: no debt to remember
+            self._take_slot(waiter.meta)
+            waiter.future.set_result(None)
+
+    def _forget_old_completions(self, now: float) -> None:
+        horizon = now - DRAIN_WINDOW_S
+        while self._completions and self._completions[0] < horizon:
+            self._completions.popleft()

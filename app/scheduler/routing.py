@@ -1,0 +1,277 @@
+"""Routing policies: which model replica serves a request.
+
+Every policy ranks ALL live replicas, best first, so the caller can fall back down the list when
+the first choice is full or fails. Policies are plain Python (no Ray): the Ray adapter
+(`ray_router.py`) and the scheduler deployment feed them `ReplicaState`s and report decisions.
+
+Policies (config `scheduler.routing_policy`):
+- round_robin:   rotate; ignores load and cache.
+- least_loaded:  fewest outstanding tokens (prompt tokens still to prefill + tokens still to decode),
+                 ties broken by fewer queued requests.
+- power_of_two:  two random replicas, the less loaded first (cheap, no herding on stale loads).
+- cache_aware:   approximate radix tree of what was routed where (`PrefixTree`), scored by cost.
+
+The cache-aware policy (learnt from SGLang's model gateway and Ray's PrefixCacheAffinityRouter,
+which both switch between "follow the cache" and "balance load" with two thresholds) ranks
+replicas by one estimated cost, in tokens of work ahead of the request's first token:
+
+    cost(r) = outstanding_tokens(r) + prefill_weight * (len(prompt) - cached_prefix(r))
+
+A cache hit is worth the prefill it saves, and a backlog costs what it delays. So a
+request follows its cached prefix while that replica's extra backlog is smaller than the prefill
+it saves, and spills to a cold replica (warming it) once the backlog is larger: hot prefixes
+replicate themselves across as many replicas as their load needs, with no imbalance threshold to
+tune. When no replica holds at least `min_match_ratio` of the prompt, the cache is ignored and the
+least-loaded replica wins, ties going to the replica with the smallest tree (most free cache).
+
+`prefill_weight` (default 4) prices a prefill token above a queued token: outstanding decode
+tokens drain a whole batch per step, and a spill also costs the evictions it causes in the cold
+replica's cache. With weight 1, saturated replicas spilled often and the hit rate fell from 90%
+to 80% in bench/routing.py (results in bench/results/routing.md); 4 to 64 performed alike.
+
+Sessions: a request with `session_id` goes first to the replica that served that session before,
+in every policy, unless that replica is gone (the /run interpreter keeps one program's KV state
+on one replica). Session entries are bounded (LRU).
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from app.scheduler.prefix_tree import PrefixTree
+
+
+@dataclass
+class ReplicaState:
+    """What the router knows about one live replica's load (from its published stats plus what
+    the router sent it since)."""
+
+    replica_id: str
+    outstanding_tokens: int = 0  # prompt tokens not yet prefilled + tokens still to decode
+    running: int = 0
+    waiting: int = 0
+
+
+@runtime_checkable
+class RoutingPolicy(Protocol):
+    name: str
+
+    def choose(
+        self, token_ids: list[int], replicas: list[ReplicaState], session_id: str | None = None
+    ) -> list[str]:
+        """Rank the given live replicas, best first. Empty only when `replicas` is empty."""
+        ...
+
+    def on_routed(self, replica_id: str, token_ids: list[int], session_id: str | None = None) -> None:
+        """The request was sent to `replica_id` (the one actually used, after any fallback)."""
+        ...
+
+    def on_replicas_changed(self, live_ids: set[str]) -> None:
+        """The set of live replicas changed: forget the state of those that are gone."""
+        ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+    def uncached_tokens(self, replica_id: str, token_ids: list[int]) -> int:
+        """Prompt tokens the replica would prefill, as far as the policy knows."""
+        ...
+
+
+def _load_key(replica: ReplicaState) -> tuple[int, int]:
+    return (replica.outstanding_tokens, replica.running + replica.waiting)
+
+
+class _SessionAffinity:
+    """session_id -> replica_id, bounded LRU. Shared behaviour of every policy."""
+
+    def __init__(self, max_sessions: int) -> None:
+        self.max_sessions = max_sessions
+        self._replica_of: OrderedDict[str, str] = OrderedDict()
+
+    def lookup(self, session_id: str | None, replicas: list[ReplicaState]) -> str | None:
+        if session_id is None:
+            return None
+        replica_id = self._replica_of.get(session_id)
+        if replica_id is None or not any(r.replica_id == replica_id for r in replicas):
+            return None
+        self._replica_of.move_to_end(session_id)
+        return replica_id
+
+    def record(self, session_id: str | None, replica_id: str) -> None:
+        if session_id is None:
+            return
+        self._replica_of[session_id] = replica_id
+        self._replica_of.move_to_end(session_id)
+        while len(self._replica_of) > self.max_sessions:
+            self._replica_of.popitem(last=False)
+
+    def forget_replicas_not_in(self, live_ids: set[str]) -> None:
+        dead = [s for s, r in self._replica_of.items() if r not in live_ids]
+        for session_id in dead:
+            del self._replica_of[session_id]
+
+    def __len__(self) -> int:
+        return len(self._replica_of)
+
+
+class _BasePolicy:
+    """Session stickiness around a policy-specific `_rank`."""
+
+    name = "base"
+
+    def __init__(self, max_sessions: int = 100_000, seed: int | None = None) -> None:
+        self._sessions = _SessionAffinity(max_sessions)
+        self._random = random.Random(seed)
+
+    def choose(
+        self, token_ids: list[int], replicas: list[ReplicaState], session_id: str | None = None
+    ) -> list[str]:
+        if not replicas:
+            return []
+        ranking = self._rank(token_ids, replicas)
+        sticky = self._sessions.lookup(session_id, replicas)
+        if sticky is not None and ranking[0] != sticky:
+            ranking.remove(sticky)
+            ranking.insert(0, sticky)
+        return ranking
+
+    def on_routed(self, replica_id: str, token_ids: list[int], session_id: str | None = None) -> None:
+        self._sessions.record(session_id, replica_id)
+
+    def on_replicas_changed(self, live_ids: set[str]) -> None:
+        self._sessions.forget_replicas_not_in(live_ids)
+
+    def stats(self) -> dict[str, Any]:
+        return {"policy": self.name, "sessions": len(self._sessions)}
+
+    def uncached_tokens(self, replica_id: str, token_ids: list[int]) -> int:
+        """Prompt tokens `replica_id` would have to prefill, as far as the policy knows (call
+        before `on_routed`). Used to estimate the load a routed request adds."""
+        return len(token_ids)
+
+    def _rank(self, token_ids: list[int], replicas: list[ReplicaState]) -> list[str]:
+        raise NotImplementedError
+
+
+class RoundRobinPolicy(_BasePolicy):
+    name = "round_robin"
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._counter = itertools.count()
+
+    def _rank(self, token_ids: list[int], replicas: list[ReplicaState]) -> list[str]:
+        ids = sorted(r.replica_id for r in replicas)  # a stable order, whatever the caller's
+        start = next(self._counter) % len(ids)
+        return ids[start:] + ids[:start]
+
+
+class LeastLoadedPolicy(_BasePolicy):
+    name = "least_loaded"
+
+    def _rank(self, token_ids: list[int], replicas: list[ReplicaState]) -> list[str]:
+        shuffled = list(replicas)
+        self._random.shuffle(shuffled)  # random among equals, so idle replicas share the work
+        return [r.replica_id for r in sorted(shuffled, key=_load_key)]
+
+
+class PowerOfTwoPolicy(_BasePolicy):
+    name = "power_of_two"
+
+    def _rank(self, token_ids: list[int], replicas: list[ReplicaState]) -> list[str]:
+        shuffled = list(replicas)
+        self._random.shuffle(shuffled)
+        if len(shuffled) >= 2 and _load_key(shuffled[1]) < _load_key(shuffled[0]):
+            shuffled[0], shuffled[1] = shuffled[1], shuffled[0]
+        return [r.replica_id for r in shuffled]
+
+
+class CacheAwarePolicy(_BasePolicy):
+    """Cost-ranked cache affinity; see the module docstring for the rule."""
+
+    name = "cache_aware"
+
+    def __init__(
+        self,
+        *,
+        max_tree_tokens_per_replica: int = 1 << 20,
+        min_match_ratio: float = 0.1,
+        prefill_weight: float = 4.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if not 0.0 <= min_match_ratio <= 1.0:
+            raise ValueError(f"min_match_ratio must be in [0, 1], got {min_match_ratio}")
+        if prefill_weight < 0:
+            raise ValueError(f"prefill_weight must be >= 0, got {prefill_weight}")
+        self.tree = PrefixTree(max_tree_tokens_per_replica)
+        self.min_match_ratio = min_match_ratio
+        self.prefill_weight = prefill_weight
+        self.cache_routed = 0  # decisions where the cache term was used
+        self.load_routed = 0  # decisions that fell back to pure load
+
+    def _rank(self, token_ids: list[int], replicas: list[ReplicaState]) -> list[str]:
+        # Hot path (<= 50 us at 64 replicas): plain lists and C-level sorts, no per-replica tuples.
+        n = len(token_ids)
+        matches = self.tree.match(token_ids) if n else {}
+        ids = [r.replica_id for r in replicas]
+        scores = [r.outstanding_tokens for r in replicas]
+        best = max((matches[i] for i in ids if i in matches), default=0) if matches else 0
+        if best == 0 or best < self.min_match_ratio * n:
+            # No useful cache anywhere: least loaded, ties to the smallest tree (most free cache),
+            # then random so that idle replicas share cold work.
+            self.load_routed += 1
+            tokens_of = self.tree.tokens_of
+            rand = self._random.random
+            keys = [(score, tokens_of(i), rand()) for score, i in zip(scores, ids)]
+        else:
+            # cost = load + weight * (n - match); the constant weight * n does not change the order.
+            self.cache_routed += 1
+            weight = self.prefill_weight
+            for k, replica_id in enumerate(ids):
+                cached = matches.get(replica_id)
+                if cached:
+                    scores[k] -= weight * cached
+            keys = scores
+        order = sorted(range(len(ids)), key=keys.__getitem__)
+        return [ids[k] for k in order]
+
+    def on_routed(self, replica_id: str, token_ids: list[int], session_id: str | None = None) -> None:
+        super().on_routed(replica_id, token_ids, session_id)
+        self.tree.insert(replica_id, token_ids)
+
+    def uncached_tokens(self, replica_id: str, token_ids: list[int]) -> int:
+        return len(token_ids) - self.tree.match(token_ids).get(replica_id, 0)
+
+    def on_replicas_changed(self, live_ids: set[str]) -> None:
+        super().on_replicas_changed(live_ids)
+        for replica_id in self.tree.replicas() - live_ids:
+            self.tree.remove_replica(replica_id)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            **super().stats(),
+            "cache_routed": self.cache_routed,
+            "load_routed": self.load_routed,
+            "tree": self.tree.stats(),
+        }
+
+
+POLICIES: dict[str, type[_BasePolicy]] = {
+    cls.name: cls for cls in (RoundRobinPolicy, LeastLoadedPolicy, PowerOfTwoPolicy, CacheAwarePolicy)
+}
+
+
+def make_policy(name: str, **kwargs: Any) -> RoutingPolicy:
+    """Build a policy by its config name; unknown names and bad kwargs raise ValueError."""
+    cls = POLICIES.get(name)
+    if cls is None:
+        raise ValueError(f"unknown routing policy {name!r}; choose one of {sorted(POLICIES)}")
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ValueError(f"bad options for routing policy {name!r}: {exc}") from exc

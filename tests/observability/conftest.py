@@ -1,0 +1,173 @@
+"""A real Prometheus server for the observability tests.
+
+`prometheus` (session scope) installs Debian's `prometheus` package if the binary is missing
+(as root, with apt-get; the test is skipped, saying why, only if that fails), starts it on a free
+loopback port with a generated config that scrapes the test Ray cluster's metrics export port
+every second, and stops it by PID at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+SCRAPE_INTERVAL_S = 1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _install_prometheus() -> str | None:
+    """Debian's package, the way .ci/run installs it. Returns why it failed, or None."""
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        return "the prometheus binary is missing and apt-get cannot be run as root here"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "-qq", "prometheus"]
+    for commands in ([install], [["apt-get", "update", "-qq"], install]):
+        try:
+            for command in commands:
+                subprocess.run(command, env=env, check=True, capture_output=True, timeout=600)
+            return None
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+            error = exc
+    return f"`apt-get install -y prometheus` failed: {error}"
+
+
+def prometheus_binary() -> str:
+    found = shutil.which("prometheus")
+    if found is None:
+        problem = _install_prometheus()
+        found = shutil.which("prometheus")
+        if found is None:
+            pytest.skip(f"no Prometheus server: {problem}")
+    return found
+
+
+@dataclass
+class Prometheus:
+    url: str
+    scrape_target: str
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        resp = httpx.get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=10)
+        resp.raise_for_status()
+        body = resp.json()
+        assert body["status"] == "success", body
+        return body["data"]["result"]
+
+    def value(self, expr: str) -> float:
+        """The single value of a scalar-like query (`sum(...)`); 0 when no series exists yet."""
+        result = self.query(expr)
+        assert len(result) <= 1, f"{expr} returned {len(result)} series; wrap it in sum()"
+        return float(result[0]["value"][1]) if result else 0.0
+
+    def wait_for(self, check: Callable[[], bool], timeout_s: float = 45.0, what: str = "") -> None:
+        deadline = time.monotonic() + timeout_s
+        while not check():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"Prometheus did not show {what or 'the expected values'} in {timeout_s:g} s")
+            time.sleep(0.5)
+
+    def settled_values(self, exprs: list[str], quiet_s: float = 3.0, timeout_s: float = 30.0) -> dict[str, float]:
+        """Values that have stopped changing for `quiet_s` (export + scrape lag), as a baseline."""
+        deadline = time.monotonic() + timeout_s
+        last = {e: self.value(e) for e in exprs}
+        since = time.monotonic()
+        while time.monotonic() - since < quiet_s:
+            time.sleep(0.5)
+            now = {e: self.value(e) for e in exprs}
+            if now != last:
+                last, since = now, time.monotonic()
+            if time.monotonic() > deadline:
+                raise AssertionError(f"metrics kept changing for {timeout_s:g} s: {now}")
+        return last
+
+
+@pytest.fixture(scope="session")
+def prometheus(ray_cluster, tmp_path_factory) -> Iterator[Prometheus]:
+    binary = prometheus_binary()
+    workdir: Path = tmp_path_factory.mktemp("prometheus")
+    target = f"127.0.0.1:{ray_cluster.metrics_port}"
+    config = workdir / "prometheus.yml"
+    config.write_text(
+        "global:\n"
+        f"  scrape_interval: {SCRAPE_INTERVAL_S}s\n"
+        f"  evaluation_interval: {SCRAPE_INTERVAL_S}s\n"
+        "scrape_configs:\n"
+        "  - job_name: ray\n"
+        f"    static_configs: [{{targets: ['{target}']}}]\n"
+    )
+    port = free_port()
+    log = open(workdir / "prometheus.log", "wb")
+    process = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={workdir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"prometheus exited with {process.returncode}: {(workdir / 'prometheus.log').read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{url}/-/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("prometheus did not become ready in 60 s")
+            time.sleep(0.3)
+        yield Prometheus(url=url, scrape_target=target)
+    finally:
+        process.terminate()  # by PID: only the server this fixture started
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def scrape_ray_metrics(ray_cluster) -> Callable[[], str]:
+    """Returns a function giving the Prometheus exposition Ray's metrics agent serves right now."""
+
+    def scrape() -> str:
+        resp = httpx.get(f"http://127.0.0.1:{ray_cluster.metrics_port}/metrics", timeout=10)
+        resp.raise_for_status()
+        return resp.text
+
+    return scrape
+
+
+def metric_names(exposition: str) -> set[str]:
+    return {
+        line.split("{", 1)[0].split(" ", 1)[0]
+        for line in exposition.splitlines()
+        if line and not line.startswith("#")
+    }
+
+
+@pytest.fixture(scope="session")
+def exported_metric_names(scrape_ray_metrics) -> Callable[[], set[str]]:
+    """Returns a function giving the metric names a scrape of Ray's endpoint shows right now."""
+    return lambda: metric_names(scrape_ray_metrics())
