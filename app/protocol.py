@@ -13,8 +13,21 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+# OpenAI's `response_format: json_object` (any JSON object), as an EBNF constraint. A JSON schema
+# `{"type": "object"}` is not the same: strict schema compilation forbids unnamed properties.
+JSON_OBJECT_GRAMMAR = r"""
+root ::= object
+value ::= object | array | string | number | "true" | "false" | "null"
+object ::= "{" ws ( member ( "," ws member )* )? "}"
+member ::= string ":" ws value ws
+array ::= "[" ws ( value ws ( "," ws value ws )* )? "]"
+string ::= "\"" ( [^"\\\x00-\x1f] | "\\" ( ["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] ) )* "\""
+number ::= "-"? ( "0" | [1-9] [0-9]* ) ( "." [0-9]+ )? ( [eE] [-+]? [0-9]+ )?
+ws ::= [ ]?
+"""
+
 # One (logprob, token_id, token_text_or_None) triple, exactly as SGLang's meta_info carries it.
-LogprobEntry = tuple[float, int, str | None]
+LogprobEntry = tuple[float | None, int, str | None]  # the first prompt token has no logprob
 
 
 class SamplingParams(BaseModel):
@@ -173,7 +186,8 @@ class GenerateOutput(BaseModel):
                 return a
             return a + b
 
-        return GenerateOutput(
+        # model_construct: both sides are already valid, and this runs once per streamed chunk.
+        return GenerateOutput.model_construct(
             rid=self.rid,
             text=self.text + later.text,
             token_ids=self.token_ids + later.token_ids,

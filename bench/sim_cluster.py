@@ -56,8 +56,8 @@ class SimCluster:
     def states(self) -> list[ReplicaState]:
         out = []
         for rid, engine in self.engines.items():
-            s = engine.stats()
-            out.append(ReplicaState(rid, s.outstanding_tokens, s.num_running, s.num_waiting))
+            outstanding, running, waiting = engine.load()
+            out.append(ReplicaState(rid, outstanding, running, waiting))
         return out
 
     def route(self, token_ids: list[int], session_id: str | None = None, limits: dict[str, int] | None = None) -> str:

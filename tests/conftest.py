@@ -65,32 +65,35 @@ class ServeStack:
         return self.handle("ModelReplica").stats.remote().result()
 
 
+@dataclass
+class RayCluster:
+    http_port: int
+
+
 @pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[None]:
+def ray_cluster() -> Iterator[RayCluster]:
     import ray
     from ray import serve
 
-    metrics_port = free_port()  # Prometheus exposition of all Ray and app metrics (tests/observability)
     ray.init(
         address="local",
         num_cpus=4,  # logical CPUs for placement; deployments ask for fractions
         include_dashboard=False,
-        _metrics_export_port=metrics_port,
         log_to_driver=False,
         configure_logging=False,
     )
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    ray_cluster.port = port  # type: ignore[attr-defined]
-    ray_cluster.metrics_port = metrics_port  # type: ignore[attr-defined]
     try:
-        yield
+        yield RayCluster(http_port=port)
     finally:
         serve.shutdown()
         ray.shutdown()
 
 
-def deploy(name: str, route_prefix: str, args: dict, replica_options: dict | None = None) -> ServeStack:
+def deploy(
+    cluster: RayCluster, name: str, route_prefix: str, args: dict, replica_options: dict | None = None
+) -> ServeStack:
     import httpx
     from ray import serve
 
@@ -104,7 +107,7 @@ def deploy(name: str, route_prefix: str, args: dict, replica_options: dict | Non
     }
     app = build(AppSettings.from_args(args), options)
     serve.run(app, name=name, route_prefix=route_prefix, blocking=False)
-    base = f"http://127.0.0.1:{ray_cluster.port}{route_prefix.rstrip('/')}"  # type: ignore[attr-defined]
+    base = f"http://127.0.0.1:{cluster.http_port}{route_prefix.rstrip('/')}"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         try:
@@ -119,4 +122,4 @@ def deploy(name: str, route_prefix: str, args: dict, replica_options: dict | Non
 @pytest.fixture(scope="session")
 def stack(ray_cluster, tiny_model_path) -> ServeStack:
     """The main test application: one replica of the tiny model, at /."""
-    return deploy("sglserve", "/", serve_args())
+    return deploy(ray_cluster, "sglserve", "/", serve_args())

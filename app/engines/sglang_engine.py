@@ -5,20 +5,21 @@ Design
   config exposes maps onto a `ServerArgs` field; `sglang_extra_args` passes any other one, checked
   against `ServerArgs` so a typo is an error). `sglang` is imported only in `start()`, so a CPU
   deployment never needs it; without it `start()` raises `EngineError` saying how to install it.
-- Requests always go to SGLang as streams (`async_generate(stream=True)`): SGLang's default stream
-  is cumulative (the whole output so far, consumer-side coalescing included), so the adapter keeps
-  per-request offsets and yields only what is new as `GenerateOutput` increments. With
-  `incremental_streaming_output=True` in `sglang_extra_args` the chunks are deltas and pass as is.
+- Streamed requests go to SGLang as streams (`async_generate(stream=True)`); SGLang's default
+  stream is cumulative (the whole output so far; chunks a slow consumer missed are folded into the
+  next), so the adapter yields only what is new as `GenerateOutput` increments (`sglang_stream`).
+  With `incremental_streaming_output=True` in `sglang_extra_args` the chunks are deltas and pass
+  as is. Non-streamed requests get SGLang's single final output.
 - Bad input is rejected before it reaches SGLang (a token id outside the vocabulary can take the
   scheduler down); SGLang's own rejections (`ValueError`, aborts with a status code) map onto
   `app.errors`. A consumer that stops iterating aborts its request.
-- Lifecycle inside Ray Serve: SGLang's scheduler/detokenizer processes report a failure by sending
-  SIGQUIT to their parent, and SGLang's handlers answer it (and SIGTERM) by killing the whole process
-  tree, i.e. the Ray worker. The adapter replaces those handlers: a failing engine is marked dead,
-  requests in flight end with `EngineError`, and `health_check` raises, so Ray Serve replaces the
-  replica through its normal path. When the engine is started off the main thread (Ray Serve runs
-  user code on its own thread) Python cannot install a handler, so SIGQUIT is set to "ignore" at the
-  C level and a watchdog thread notices dead subprocesses instead.
+- Lifecycle inside Ray Serve (`sglang_process`): SGLang's subprocesses report a failure by sending
+  SIGQUIT to their parent, and SGLang's handlers answer it (and SIGTERM) by killing the whole
+  process tree, i.e. the Ray worker. The adapter replaces those handlers: a failing engine is marked
+  dead, requests in flight end with `EngineError`, and `health_check` raises, so Ray Serve replaces
+  the replica through its normal path. When the engine is started off the main thread (Ray Serve
+  runs user code on its own thread) Python cannot install a handler, so SIGQUIT is set to "ignore"
+  at the C level; a watchdog thread notices dead subprocesses in both cases.
 - GPU placement: the engine uses the devices in CUDA_VISIBLE_DEVICES (Ray sets it from the
   replica's `num_gpus`); `start()` checks that at least `tp_size` are visible.
 """
@@ -26,35 +27,36 @@ Design
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import dataclasses
 import logging
 import os
 import signal
 import threading
 import time
-import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
-from app.config import TINY_MODEL, AppSettings, EngineSettings, ModelSettings
+from app.config import AppSettings, EngineSettings, ModelSettings
 from app.engines.base import Engine, Tokenizer
-from app.errors import (
-    APIError,
-    EngineError,
-    InvalidRequestError,
-    OverloadedError,
-    RequestAbortedError,
-    ValidationError,
+from app.engines.sglang_process import (
+    ChildWatchdog,
+    child_pids,
+    ignore_signal_at_c_level,
+    register,
+    restore_handlers,
+    saved_handlers,
+    sigquit_handler,
+    unregister,
 )
-from app.protocol import (
-    EngineStats,
-    FinishReason,
-    GenerateOutput,
-    GenerateRequest,
-    ModelInfo,
-    SamplingParams,
+from app.engines.sglang_stream import (
+    StreamCursor,
+    TextEmitter,
+    error_for_sglang_abort,
+    finish_reason_from_sglang,
+    new_output,
 )
+from app.errors import APIError, EngineError, InvalidRequestError, RequestAbortedError, ValidationError
+from app.protocol import EngineStats, GenerateOutput, GenerateRequest, ModelInfo, SamplingParams
 
 logger = logging.getLogger("sglserve.engines.sglang")
 
@@ -65,7 +67,6 @@ INSTALL_HINT = (
 )
 # A health-check prompt made of small token ids every vocabulary has.
 HEALTH_PROMPT_IDS = [1, 2, 3, 4]
-WATCHDOG_INTERVAL_S = 1.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,60 +173,7 @@ class HFTokenizer(Tokenizer):
 
 
 # --------------------------------------------------------------------------------------------
-# Signals and liveness
-# --------------------------------------------------------------------------------------------
-def _ignore_signal_at_c_level(signum: int) -> None:
-    """SIG_IGN for `signum` from any thread (Python's `signal.signal` works on the main thread
-    only). Used for SIGQUIT when the engine starts off the main thread: SGLang's children send it
-    to their parent on failure, and its default action would kill the Ray worker."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.signal.restype = ctypes.c_void_p
-    libc.signal.argtypes = [ctypes.c_int, ctypes.c_void_p]
-    libc.signal(signum, ctypes.c_void_p(1))  # SIG_IGN == (void (*)(int)) 1
-
-
-class _ChildWatchdog(threading.Thread):
-    """Polls the engine's subprocesses; reports the first one that died."""
-
-    def __init__(self, pids: list[int], on_death: Callable[[str], None]):
-        super().__init__(name="sglang-child-watchdog", daemon=True)
-        self._pids = pids
-        self._on_death = on_death
-        self._stop_event = threading.Event()
-
-    def stop(self) -> None:
-        self._stop_event.set()
-
-    def run(self) -> None:
-        import psutil
-
-        procs = []
-        for pid in self._pids:
-            try:
-                procs.append(psutil.Process(pid))
-            except psutil.NoSuchProcess:
-                self._on_death(f"SGLang subprocess {pid} is gone")
-                return
-        while not self._stop_event.wait(WATCHDOG_INTERVAL_S):
-            for proc in procs:
-                try:
-                    alive = proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-                except psutil.NoSuchProcess:
-                    alive = False
-                if not alive:
-                    self._on_death(f"SGLang subprocess {proc.pid} ({_proc_name(proc)}) died")
-                    return
-
-
-def _proc_name(proc: Any) -> str:
-    try:
-        return proc.name()
-    except Exception:  # noqa: BLE001 - the process is gone; the name is only for the message
-        return "?"
-
-
-# --------------------------------------------------------------------------------------------
-# Per-request stream state
+# Requests in flight
 # --------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class _Flight:
@@ -237,94 +185,30 @@ class _Flight:
     completion_tokens: int = 0
 
 
-@dataclasses.dataclass
-class _StreamCursor:
-    """How much of SGLang's cumulative output has already been passed on."""
-
-    ids: int = 0
-    output_logprobs: int = 0
-    output_top_logprobs: int = 0
-    input_logprobs_sent: bool = False
-    text: "_TextEmitter" = dataclasses.field(default_factory=lambda: _TextEmitter(()))
-
-
-class _TextEmitter:
-    """Turns SGLang's growing output text into deltas, holding back a tail that could still become
-    a stop string: SGLang streams text as decoded and trims a matched stop string only in the final
-    output, so without this a client would see the first characters of a stop string that later
-    matched."""
-
-    def __init__(self, stops: tuple[str, ...]):
-        self.stops = stops
-        self.sent = 0  # characters of the full text passed on so far
-        self.full = ""  # the full text so far (kept only for incremental chunks)
-
-    def delta(self, full_text: str, finished: bool) -> str:
-        if finished:
-            end = len(full_text)
-        else:
-            end = len(full_text) - self._holdback(full_text)
-        if end <= self.sent:
-            return ""
-        new = full_text[self.sent : end]
-        self.sent = end
-        return new
-
-    def _holdback(self, text: str) -> int:
-        hold = 0
-        for stop in self.stops:
-            found = text.find(stop, self.sent)
-            if found != -1:  # SGLang finishes on it in this or the next chunk: show nothing of it
-                hold = max(hold, len(text) - found)
-                continue
-            for k in range(min(len(stop) - 1, len(text) - self.sent), 0, -1):
-                if text.endswith(stop[:k]):
-                    hold = max(hold, k)
-                    break
-        return hold
-
-
-def _finish_reason(raw: Any) -> FinishReason | None:
-    if not raw:
-        return None
-    if isinstance(raw, str):  # older SGLang versions sent a bare string
-        return FinishReason.model_construct(type=raw, matched=None, length=None, message=None)
-    matched = raw.get("matched")
-    if isinstance(matched, list):  # a multi-token stop sequence; keep the last id
-        matched = matched[-1] if matched else None
-    return FinishReason.model_construct(
-        type=raw.get("type", "stop"),
-        matched=matched,
-        length=raw.get("length"),
-        message=raw.get("message"),
-    )
-
-
-def _error_for_sglang_abort(raw: dict[str, Any], constraint: tuple[str, str] | None) -> APIError:
-    """Map an abort that SGLang attached a status code to (its request errors) onto ours."""
-    status = int(raw.get("status_code") or 500)
-    message = str(raw.get("message") or "request aborted by SGLang")
-    if status == 400:
-        if constraint is not None and _looks_like_grammar_error(message):
-            return ValidationError(message, param=f"sampling_params.{constraint[0]}")
-        return InvalidRequestError(message)
-    if status in (429, 503):
-        return OverloadedError(message)
-    return EngineError(message, status_code=status if status >= 500 else 500)
-
-
-def _looks_like_grammar_error(message: str) -> bool:
-    lowered = message.lower()
-    return any(w in lowered for w in ("grammar", "regex", "json", "schema", "ebnf", "compile"))
-
-
 # --------------------------------------------------------------------------------------------
 # The adapter
 # --------------------------------------------------------------------------------------------
 class SGLangEngine(Engine):
     """`sglang.Engine` behind the engine contract. Build with `from_settings`, then `await start()`."""
 
-    def __init__(self, model: ModelSettings, engine: EngineSettings):
+    def __init__(
+        self,
+        model: ModelSettings,
+        engine: EngineSettings,
+        *,
+        stream_interval: int | None = None,
+        freeze_gc_after_warmup: bool = True,
+    ):
+        """`stream_interval`: coalescing inside SGLang for streamed requests (its per-request
+        `stream_interval`: the first token is sent at once, then every N tokens), which saves a
+        message per token on every hop above; None keeps the server's (1 unless
+        `sglang_extra_args` sets `stream_interval`).
+        `freeze_gc_after_warmup`: after start, run one real generation (it triggers SGLang's
+        first-request kernel builds) and then SGLang's `freeze_gc` (this process, its scheduler
+        and detokenizer): the garbage collector stops rescanning the millions of long-lived
+        objects torch and SGLang create at start, which otherwise stalls token streams."""
+        self.stream_interval = stream_interval
+        self._freeze_gc_after_warmup = freeze_gc_after_warmup
         self._model_settings = model
         self._engine_settings = engine
         self._sgl: Any = None  # the sglang.Engine
@@ -332,7 +216,7 @@ class SGLangEngine(Engine):
         self._incremental = False
         self._dead_reason: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._watchdog: _ChildWatchdog | None = None
+        self._watchdog: ChildWatchdog | None = None
         self._flights: dict[str, _Flight] = {}
         self._tokenizer: HFTokenizer | None = None
         self._model_info: ModelInfo | None = None
@@ -345,8 +229,8 @@ class SGLangEngine(Engine):
         self._aborted_total = 0
 
     @classmethod
-    def from_settings(cls, settings: AppSettings) -> "SGLangEngine":
-        return cls(settings.model, settings.engine)
+    def from_settings(cls, settings: AppSettings, **kwargs: Any) -> "SGLangEngine":
+        return cls(settings.model, settings.engine, **kwargs)
 
     # ---- lifecycle ---------------------------------------------------------------------------
     @property
@@ -373,32 +257,36 @@ class SGLangEngine(Engine):
             self._loop = asyncio.get_running_loop()
 
             on_main = threading.current_thread() is threading.main_thread()
-            saved = _saved_handlers() if on_main else {}
-            _LIVE_ENGINES.add(self)
+            saved = saved_handlers() if on_main else {}
+            register(self)
             if on_main:
                 # A module-level function: ServerArgs travels to SGLang's subprocesses by pickle.
-                kwargs = {**kwargs, "custom_sigquit_handler": _sigquit_handler}
+                kwargs = {**kwargs, "custom_sigquit_handler": sigquit_handler}
             else:
-                _ignore_signal_at_c_level(signal.SIGQUIT)
-            children_before = _child_pids()
+                ignore_signal_at_c_level(signal.SIGQUIT)
+            children_before = child_pids()
             started = time.monotonic()
             try:
                 # Blocks this thread while SGLang loads the model and captures CUDA graphs; SGLang
                 # binds its tokenizer manager to the running loop, so it must be built on it.
                 self._sgl = sglang.Engine(**kwargs)
             except Exception as exc:
+                unregister(self)
                 raise EngineError(f"SGLang failed to start: {type(exc).__name__}: {exc}") from exc
             tm = self._sgl.tokenizer_manager
             # Start SGLang's output loop now, then take back the signal handlers it installs on
             # the main thread (they kill the whole process tree on SIGTERM/SIGQUIT).
             tm.auto_create_handle_loop()
             if on_main:
-                _restore_handlers(self._loop, saved)
-            self._watchdog = _ChildWatchdog(
-                sorted(_child_pids() - children_before), self._mark_dead_threadsafe
+                restore_handlers(self._loop, saved)
+            self._watchdog = ChildWatchdog(
+                sorted(child_pids() - children_before), self.mark_dead_threadsafe
             )
             self._watchdog.start()
             self._build_model_info(tm)
+            if self._freeze_gc_after_warmup:
+                await self.health_check(timeout_s=300.0)
+                await tm.freeze_gc()
             logger.info(
                 "sglang %s engine started in %.1fs: %s",
                 _sglang_version(),
@@ -442,13 +330,13 @@ class SGLangEngine(Engine):
             return
         if self._watchdog is not None:
             self._watchdog.stop()
-        _LIVE_ENGINES.discard(self)
+        unregister(self)
         sgl, self._sgl = self._sgl, None
         # SGLang's shutdown waits for its scheduler to release the GPU (up to a minute).
         await asyncio.to_thread(sgl.shutdown)
 
     # ---- death -------------------------------------------------------------------------------
-    def _mark_dead_threadsafe(self, reason: str) -> None:
+    def mark_dead_threadsafe(self, reason: str) -> None:
         loop = self._loop
         if loop is None or loop.is_closed():
             self._dead_reason = self._dead_reason or reason
@@ -567,11 +455,14 @@ class SGLangEngine(Engine):
         finished = False
         stream: Any = None
         try:
+            sampling_params = self.sampling_params_for_sglang(request.sampling)
+            if request.stream and self.stream_interval:
+                sampling_params["stream_interval"] = self.stream_interval
             try:
                 result = await sgl.async_generate(
                     prompt=request.text,
                     input_ids=request.input_ids,
-                    sampling_params=self.sampling_params_for_sglang(request.sampling),
+                    sampling_params=sampling_params,
                     return_logprob=request.return_logprob,
                     logprob_start_len=request.logprob_start_len,
                     top_logprobs_num=request.top_logprobs_num,
@@ -580,38 +471,33 @@ class SGLangEngine(Engine):
                     rid=rid,
                 )
             except Exception as exc:
-                raise self._map_exception(exc) from exc
+                raise self._map_exception(exc, constraint) from exc
             if request.stream:
                 stream = result
                 iterator = stream.__aiter__()
             else:
                 iterator = _one(result)
-            cursor = _StreamCursor()
+            cursor = StreamCursor(arrival_time=arrival)
             stops = tuple(request.sampling.stop)
             if stops and request.stream and not request.sampling.no_stop_trim:
-                cursor.text = _TextEmitter(stops)
-            first_token_time: float | None = None
+                cursor.text = TextEmitter(stops)
             while True:
                 try:
                     chunk = await iterator.__anext__()
                 except StopAsyncIteration:
                     break
                 except Exception as exc:
-                    raise self._map_exception(exc) from exc
+                    raise self._map_exception(exc, constraint) from exc
                 meta = chunk["meta_info"]
                 raw_finish = meta.get("finish_reason")
                 if raw_finish and isinstance(raw_finish, dict) and raw_finish.get("type") == "abort":
                     if self._dead_reason is not None:
                         raise EngineError(f"the SGLang engine died: {self._dead_reason}")
                     if raw_finish.get("status_code") is not None:
-                        raise _error_for_sglang_abort(raw_finish, constraint)
+                        raise error_for_sglang_abort(raw_finish, constraint)
                 out = self._increment(chunk, meta, cursor, request, want_logprob_text)
                 if out is None:
                     continue
-                if first_token_time is None and out.token_ids:
-                    first_token_time = time.time()
-                out.engine_arrival_time = arrival
-                out.first_token_time = first_token_time
                 flight.completion_tokens = out.completion_tokens
                 if flight.prompt_tokens == 0:
                     flight.prompt_tokens = out.prompt_tokens
@@ -637,14 +523,14 @@ class SGLangEngine(Engine):
         self,
         chunk: dict[str, Any],
         meta: dict[str, Any],
-        cursor: _StreamCursor,
+        cursor: StreamCursor,
         request: GenerateRequest,
         want_logprob_text: bool,
     ) -> GenerateOutput | None:
         """The new part of one SGLang chunk as a GenerateOutput (None if nothing is new)."""
         ids = chunk.get("output_ids") or []
         text = chunk.get("text")
-        finish = _finish_reason(meta.get("finish_reason"))
+        finish = finish_reason_from_sglang(meta.get("finish_reason"))
         finished = finish is not None
         if self._incremental:
             new_ids = list(ids)
@@ -654,7 +540,9 @@ class SGLangEngine(Engine):
             new_ids = list(ids[cursor.ids :])
             cursor.ids = max(cursor.ids, len(ids))
             new_text = cursor.text.delta(text, finished) if text is not None else ""
-        out = GenerateOutput.model_construct(
+        if new_ids and cursor.first_token_time is None:
+            cursor.first_token_time = time.time()
+        out = new_output(
             rid=request.rid,
             text=new_text,
             token_ids=new_ids,
@@ -667,8 +555,8 @@ class SGLangEngine(Engine):
             output_top_logprobs=None,
             input_token_logprobs=None,
             input_top_logprobs=None,
-            engine_arrival_time=None,
-            first_token_time=None,
+            engine_arrival_time=cursor.arrival_time,
+            first_token_time=cursor.first_token_time,
         )
         if request.return_logprob:
             self._attach_logprobs(out, meta, cursor, request, want_logprob_text)
@@ -680,7 +568,7 @@ class SGLangEngine(Engine):
         self,
         out: GenerateOutput,
         meta: dict[str, Any],
-        cursor: _StreamCursor,
+        cursor: StreamCursor,
         request: GenerateRequest,
         want_text: bool,
     ) -> None:
@@ -726,7 +614,11 @@ class SGLangEngine(Engine):
         self._generation_tokens_total += out.completion_tokens
         self._cached_tokens_total += out.cached_tokens
 
-    def _map_exception(self, exc: BaseException) -> BaseException:
+    def _map_exception(
+        self, exc: BaseException, constraint: tuple[str, str] | None
+    ) -> BaseException:
+        """SGLang's errors as ours: ValueError is its 'bad request' (400), an HTTPException
+        carries the status of an abort it decided on (non-streaming requests)."""
         if isinstance(exc, APIError):
             return exc
         if self._dead_reason is not None:
@@ -735,10 +627,10 @@ class SGLangEngine(Engine):
         if status == 499:
             return RequestAbortedError(str(exc))
         if isinstance(exc, ValueError):
-            return InvalidRequestError(str(exc))
+            return error_for_sglang_abort({"status_code": 400, "message": str(exc)}, constraint)
         detail = getattr(exc, "detail", None)  # fastapi.HTTPException from SGLang
         if status is not None and detail is not None:
-            return _error_for_sglang_abort({"status_code": status, "message": detail}, None)
+            return error_for_sglang_abort({"status_code": status, "message": detail}, constraint)
         return EngineError(f"SGLang failed: {type(exc).__name__}: {exc}")
 
     def _abort_quietly(self, rid: str) -> None:
@@ -861,37 +753,3 @@ class SGLangEngine(Engine):
 # --------------------------------------------------------------------------------------------
 async def _one(item: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
     yield item
-
-
-def _child_pids() -> set[int]:
-    import psutil
-
-    return {p.pid for p in psutil.Process().children(recursive=False)}
-
-
-_LIVE_ENGINES: "weakref.WeakSet[SGLangEngine]" = weakref.WeakSet()
-
-
-def _sigquit_handler(signum: int, frame: Any) -> None:
-    """SIGQUIT from an SGLang subprocess means it failed: mark the engines dead, keep the process."""
-    for engine in list(_LIVE_ENGINES):
-        engine._mark_dead_threadsafe("an SGLang subprocess failed (it sent SIGQUIT)")
-
-
-def _saved_handlers() -> dict[int, Any]:
-    return {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGQUIT)}
-
-
-def _restore_handlers(loop: asyncio.AbstractEventLoop, saved: dict[int, Any]) -> None:
-    """Undo SGLang's main-thread signal handling: SIGTERM/SIGINT go back to what they were before
-    the engine started, SIGQUIT to our handler that marks the engine dead."""
-    for sig in saved:
-        try:
-            loop.remove_signal_handler(sig)
-        except (NotImplementedError, RuntimeError, ValueError):
-            pass
-    for sig, handler in saved.items():
-        if sig == signal.SIGQUIT:
-            signal.signal(sig, _sigquit_handler)
-        elif handler is not None:
-            signal.signal(sig, handler)

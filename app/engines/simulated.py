@@ -100,6 +100,7 @@ class SimulatedEngine(Engine):
         self._loop_task: asyncio.Task | None = None
         self._epoch_offset = 0.0
         self._stats = EngineStats(max_total_tokens=self.costs.cache_capacity_tokens)
+        self._outstanding = 0  # sum of _SimRequest.outstanding_tokens, kept incrementally
         self._recent_tokens: deque[tuple[float, int]] = deque()
 
     # --- Engine contract ---------------------------------------------------------------------
@@ -127,7 +128,8 @@ class SimulatedEngine(Engine):
             )
         if request.rid in self._by_rid:
             raise InvalidRequestError(f"request id {request.rid} is already running", param="rid")
-        sim = _SimRequest(request, list(prompt), asyncio.Queue(), self._now())
+        sim = _SimRequest(request, list(prompt), asyncio.Queue(), self._now(), prefill_left=len(prompt))
+        self._outstanding += sim.outstanding_tokens
         self._by_rid[request.rid] = sim
         self._waiting.append(sim)
         self._wake()
@@ -170,11 +172,14 @@ class SimulatedEngine(Engine):
         stats.num_used_tokens = self._cache.tokens_of(_CACHE_KEY) + sum(
             len(s.prompt) + len(s.generated) for s in self._running
         )
-        stats.outstanding_tokens = sum(s.outstanding_tokens for s in self._running) + sum(
-            s.outstanding_tokens for s in self._waiting
-        )
+        stats.outstanding_tokens = self._outstanding
         stats.gen_throughput_tok_s = sum(n for _, n in self._recent_tokens) / 5.0
         return stats
+
+    def load(self) -> tuple[int, int, int]:
+        """(outstanding_tokens, running, waiting) without building an EngineStats: for routers
+        that poll many simulated replicas per decision."""
+        return self._outstanding, len(self._running), len(self._waiting)
 
     def model_info(self) -> ModelInfo:
         return ModelInfo(
@@ -227,6 +232,7 @@ class SimulatedEngine(Engine):
                     if budget > 0:
                         chunk = min(budget, sim.prefill_left)
                         sim.prefill_left -= chunk
+                        self._outstanding -= chunk
                         budget -= chunk
                         prefill_tokens += chunk
                         if sim.prefill_left == 0:
@@ -251,6 +257,7 @@ class SimulatedEngine(Engine):
         matched = self._cache.match(sim.prompt).get(_CACHE_KEY, 0)
         sim.cached = min(matched, len(sim.prompt) - 1)  # the last prompt token is always computed
         sim.prefill_left = len(sim.prompt) - sim.cached
+        self._outstanding -= sim.cached
         self._stats.cache_query_tokens += len(sim.prompt)
         self._stats.cache_hit_tokens += sim.cached
         self._stats.prompt_tokens_total += len(sim.prompt)
@@ -263,6 +270,7 @@ class SimulatedEngine(Engine):
             return 0
         token = 98 + (zlib.crc32(f"{sim.request.rid}:{len(sim.generated)}".encode()) % 26)  # 'a'..'z'
         sim.generated.append(token)
+        self._outstanding -= 1
         if sim.first_token_time is None:
             sim.first_token_time = now
         sim.outputs.put_nowait(self._output(sim, [token]))
@@ -288,6 +296,7 @@ class SimulatedEngine(Engine):
         if sim.done:
             return
         sim.done = True
+        self._outstanding -= sim.outstanding_tokens  # what it will no longer do
         self._by_rid.pop(sim.request.rid, None)
         if sim in self._running:
             self._running.remove(sim)

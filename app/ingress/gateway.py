@@ -39,6 +39,9 @@ class Gateway:
     ):
         self.settings = settings
         self.scheduler = scheduler
+        # One streaming handle, made once: a fresh `.options()` handle per request re-initialises
+        # routing state, and concurrent first calls through new handles were seen to hang.
+        self.streaming = scheduler.options(stream=True)
         self.tokenizer = tokenizer
         self.limits = limits
 
@@ -78,7 +81,7 @@ class Gateway:
     async def stream(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
         """One sequence's increments; errors from below come out as APIError."""
         try:
-            response = self.scheduler.options(stream=True).generate.remote(request)
+            response = self.streaming.generate.remote(request)
             async for out in observe_sequence(request, response):  # latencies/tokens (app.metrics)
                 yield out
         except Exception as exc:  # noqa: BLE001 - mapped to the client's error shape
@@ -93,7 +96,7 @@ class Gateway:
 
     async def stream_scheduler(self, method: str, *args: Any) -> AsyncIterator[Any]:
         try:
-            async for item in getattr(self.scheduler.options(stream=True), method).remote(*args):
+            async for item in getattr(self.streaming, method).remote(*args):
                 yield item
         except Exception as exc:  # noqa: BLE001
             raise _as_api_error(exc) from None

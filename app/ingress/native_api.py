@@ -6,8 +6,6 @@ POST /generate (text or input_ids, single or batched, streaming with CUMULATIVE 
 POST /abort_request.
 """
 
-from __future__ import annotations
-
 import time
 import uuid
 from collections.abc import AsyncIterator

@@ -5,8 +5,6 @@ through the gateway, and renders either one JSON response or an SSE stream of Op
 with `data: [DONE]`.
 """
 
-from __future__ import annotations
-
 import json
 import time
 import uuid
@@ -25,9 +23,8 @@ from app.ingress.openai_protocol import (
     Tool,
 )
 from app.ingress.sse import sse_event, sse_stream
-from app.protocol import GenerateOutput, GenerateRequest, LogprobEntry, SamplingParams
+from app.protocol import JSON_OBJECT_GRAMMAR, GenerateOutput, GenerateRequest, LogprobEntry, SamplingParams
 
-JSON_OBJECT_SCHEMA = json.dumps({"type": "object"})
 
 
 def openai_router(gateway_of) -> APIRouter:
@@ -85,7 +82,7 @@ def _constraint_from_format(fmt: ResponseFormat | None) -> dict[str, str]:
     if fmt is None or fmt.type == "text":
         return {}
     if fmt.type == "json_object":
-        return {"json_schema": JSON_OBJECT_SCHEMA}
+        return {"ebnf": JSON_OBJECT_GRAMMAR}
     if fmt.json_schema is None or fmt.json_schema.schema_ is None:
         raise InvalidRequestError(
             "response_format.json_schema.schema is required when type is 'json_schema'",

@@ -6,8 +6,6 @@ replica, next to that replica's prefix cache. `stream: true` answers with SSE: o
 piece / finished variable, then the final result, then `data: [DONE]`.
 """
 
-from __future__ import annotations
-
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any

@@ -5,8 +5,6 @@ that is not JSON -> 400; a field of the wrong type or out of range -> 422 naming
 (`messages[0].role`); our own APIErrors keep their status and headers (503 + Retry-After).
 """
 
-from __future__ import annotations
-
 import json
 import logging
 import time
@@ -33,8 +31,15 @@ logger = logging.getLogger("sglserve.ingress")
 api = FastAPI(title="sglserve", docs_url="/docs", redoc_url=None)
 
 
+class _Current:
+    """The process's Gateway. Serve pickles the FastAPI app into the replica, so state set on the
+    module's `api` object would not be the served app's: keep it in a module-level holder."""
+
+    gateway: Gateway | None = None
+
+
 def gateway_of(request: Request) -> Gateway:
-    gateway: Gateway | None = getattr(request.app.state, "gateway", None)
+    gateway = _Current.gateway
     if gateway is None:
         raise APIError("the server is still starting", status_code=503, code="starting")
     return gateway
@@ -50,8 +55,6 @@ api.include_router(run_router(gateway_of))
 
 def _error_response(error: APIError, request: Request | None = None) -> JSONResponse:
     headers = dict(error.headers)
-    if request is not None and getattr(request.state, "request_id", None):
-        headers["X-Request-Id"] = request.state.request_id
     return JSONResponse(error.to_body(), status_code=error.status_code, headers=headers)
 
 
@@ -120,10 +123,11 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
 
 @api.middleware("http")
 async def _request_context(request: Request, call_next):
-    request.state.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+    # Serve's proxy accepts X-Request-Id (or makes one) and returns it on the response itself.
+    request.state.request_id = request.headers.get("x-request-id") or _serve_request_id()
     request.state.started = time.monotonic()
     trace = start_request_trace(request)  # metrics + one JSON log line per request (app.logs)
-    gateway: Gateway | None = getattr(request.app.state, "gateway", None)
+    gateway = _Current.gateway
     limit = gateway.settings.ingress.max_request_bytes if gateway else 4 * 1024 * 1024
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
@@ -131,8 +135,16 @@ async def _request_context(request: Request, call_next):
             PayloadTooLargeError(f"the request body has {length} bytes; the limit is {limit}"), request
         ))
     response = await call_next(request)
-    response.headers["X-Request-Id"] = request.state.request_id
     return trace.finish(response)
+
+
+def _serve_request_id() -> str:
+    try:
+        from ray.serve.context import _get_serve_request_context
+
+        return _get_serve_request_context().request_id or uuid.uuid4().hex
+    except Exception:  # noqa: BLE001 - outside a Serve request (unit tests)
+        return uuid.uuid4().hex
 
 
 # -- liveness and readiness ------------------------------------------------------------------------
@@ -170,7 +182,7 @@ def load_model_limits(settings: AppSettings) -> tuple[ModelLimits, Any]:
 
     path = resolve_model_path(settings.model)
     config = AutoConfig.from_pretrained(path, trust_remote_code=settings.model.trust_remote_code)
-    tokenizer = HFTokenizer(settings.model.tokenizer_path or path, trust_remote_code=settings.model.trust_remote_code)
+    tokenizer = HFTokenizer.from_settings(settings.model)
     context = settings.model.context_length or getattr(config, "max_position_embeddings", 4096)
     limits = ModelLimits(
         name=settings.model.name,
@@ -187,7 +199,7 @@ class Ingress:
         app_settings = AppSettings.from_args(settings)
         limits, tokenizer = load_model_limits(app_settings)
         configure_ingress_observability(limits.name, app_settings.observability)
-        api.state.gateway = Gateway(app_settings, scheduler, tokenizer, limits)
+        _Current.gateway = Gateway(app_settings, scheduler, tokenizer, limits)
         logger.info("ingress ready for model %s", json.dumps(limits.name))
 
 

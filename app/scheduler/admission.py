@@ -3,9 +3,12 @@
 A request gets a slot (one of `max_concurrent`) at once when one is free and nobody waits;
 otherwise it waits in the queue. The queue is bounded:
 
-- full (`max_queue` waiting): 503 at once, Retry-After = queue depth / observed drain rate;
-  except that a request of higher priority than the lowest-priority waiter takes that waiter's
-  place (the waiter gets the 503), so priority holds under overload;
+- full (`max_queue` waiting): 503 at once, Retry-After = queue depth / drain rate (slots / mean
+  time a request holds one); except that a request of higher priority than the lowest-priority
+  waiter takes that waiter's place (the waiter gets the 503), so priority holds under overload;
+- predicted to time out (waiters ahead of it / drain rate > its wait limit, >= 8 ahead): 503 at
+  once too, so that under overload the effective queue is what drains within the wait limit and
+  nobody waits only to be refused;
 - waited longer than `max_queue_wait_s`, or past the request's own deadline: 503 "queue_timeout";
 - a deadline already past on arrival: 503 "queue_timeout" at once.
 
@@ -26,17 +29,19 @@ import asyncio
 import heapq
 import itertools
 import time
-from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from app.errors import OverloadedError
+from app.protocol import GenerateRequest
 
-DRAIN_WINDOW_S = 10.0  # completions counted for the drain rate
+HOLD_EWMA_ALPHA = 0.05  # weight of the newest slot hold time in the running mean
+MIN_HOLD_SAMPLES = 16  # completions needed before the drain rate is trusted
 MIN_RETRY_AFTER_S = 1.0
 MAX_RETRY_AFTER_S = 60.0
+MIN_PREDICTED_DEPTH = 8  # below this depth, never reject on a predicted timeout (rate too noisy)
 
 
 @dataclass
@@ -46,6 +51,22 @@ class RequestMeta:
     priority: int = 0  # higher is served first
     deadline: float | None = None  # absolute unix time (time.time()), like GenerateRequest's
     cost_tokens: int = 1  # prompt tokens + max new tokens: the fairness currency
+
+    @classmethod
+    def from_request(
+        cls, request: GenerateRequest, default_priority: dict[str, int] | None = None
+    ) -> "RequestMeta":
+        """Scheduling metadata of a request. A non-zero `request.priority` wins; otherwise the
+        tenant's default priority (per API key) applies. Text prompts are costed at ~4 chars/token."""
+        prompt = len(request.input_ids) if request.input_ids is not None else len(request.text or "") // 4 + 1
+        priority = request.priority or (default_priority or {}).get(request.tenant, 0)
+        return cls(
+            rid=request.rid,
+            tenant=request.tenant,
+            priority=priority,
+            deadline=request.deadline,
+            cost_tokens=prompt + request.sampling.max_new_tokens,
+        )
 
 
 @dataclass(order=True)
@@ -64,6 +85,8 @@ class AdmissionQueue:
         max_concurrent: int,
         max_queue_wait_s: float,
         tenant_weights: dict[str, float] | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
@@ -78,18 +101,22 @@ class AdmissionQueue:
         self.max_concurrent = max_concurrent
         self.max_queue_wait_s = max_queue_wait_s
         self.tenant_weights = dict(tenant_weights or {})
+        self._clock = clock  # for the drain rate; simulations pass their loop's virtual time
         self.in_flight = 0
         self._heap: list[_Waiter] = []
         self._depth = 0  # live (not cancelled) waiters in the heap
         self._tenant_depth: dict[str, int] = {}
+        self._priority_depth: dict[int, int] = {}
         self._virtual_time = 0.0
         self._last_tag: dict[str, float] = {}
         self._sequence = itertools.count()
-        self._completions: deque[float] = deque()  # monotonic times of recent releases
+        self._mean_hold_s: float | None = None  # EWMA of how long a request holds its slot
+        self._hold_samples = 0
         self.admitted_total = 0
         self.rejected_full_total = 0
         self.rejected_timeout_total = 0
         self.displaced_total = 0
+        self.rejected_predicted_total = 0  # (part of rejected_full_total) would have timed out
 
     # --- the API ----------------------------------------------------------------------------
 
@@ -97,9 +124,11 @@ class AdmissionQueue:
     async def admit(self, meta: RequestMeta) -> AsyncIterator[None]:
         """Hold one slot for the body of the `async with`; raises OverloadedError when refused."""
         await self._acquire(meta)
+        granted_at = self._clock()
         try:
             yield
         finally:
+            self._record_hold(self._clock() - granted_at)
             self._release()
 
     def set_max_concurrent(self, n: int) -> None:
@@ -116,13 +145,12 @@ class AdmissionQueue:
         return min(MAX_RETRY_AFTER_S, max(MIN_RETRY_AFTER_S, (self._depth + 1) / rate))
 
     def drain_rate(self) -> float:
-        """Requests completed per second over the last DRAIN_WINDOW_S."""
-        now = time.monotonic()
-        self._forget_old_completions(now)
-        if not self._completions:
+        """Requests/s the queue drains at when every slot is busy: max_concurrent / mean hold time.
+        0 until MIN_HOLD_SAMPLES requests completed. Unlike counting recent completions, this does
+        not mistake a quiet past for a slow server when a burst arrives."""
+        if self._hold_samples < MIN_HOLD_SAMPLES or not self._mean_hold_s:
             return 0.0
-        span = max(1.0, min(DRAIN_WINDOW_S, now - self._completions[0]))
-        return len(self._completions) / span
+        return self.max_concurrent / self._mean_hold_s
 
     @property
     def depth(self) -> int:
@@ -140,6 +168,7 @@ class AdmissionQueue:
             "rejected_full_total": self.rejected_full_total,
             "rejected_timeout_total": self.rejected_timeout_total,
             "displaced_total": self.displaced_total,
+            "rejected_predicted_total": self.rejected_predicted_total,
         }
 
     # --- internals ----------------------------------------------------------------------------
@@ -162,6 +191,17 @@ class AdmissionQueue:
             self.rejected_full_total += 1
             raise OverloadedError(
                 f"server overloaded: {self._depth} requests queued (max_queue={self.max_queue})",
+                retry_after_s=self.retry_after_s(),
+            )
+        rate = self.drain_rate()
+        ahead = self._waiting_at_or_above(meta.priority)
+        if rate > 0 and (ahead + 1) / rate > wait_s and ahead >= MIN_PREDICTED_DEPTH:
+            # It would time out anyway: say so now, not after wait_s, and keep the queue for others.
+            self.rejected_full_total += 1
+            self.rejected_predicted_total += 1
+            raise OverloadedError(
+                f"server overloaded: the {ahead} requests queued ahead drain in "
+                f"{ahead / rate:.1f} s at {rate:.1f}/s, beyond this request's {wait_s:.1f} s wait limit",
                 retry_after_s=self.retry_after_s(),
             )
         waiter = self._enqueue(meta)
@@ -196,11 +236,12 @@ class AdmissionQueue:
             sort_key=(-meta.priority, tag, next(self._sequence)),
             meta=meta,
             future=asyncio.get_running_loop().create_future(),
-            enqueued_at=time.monotonic(),
+            enqueued_at=self._clock(),
         )
         heapq.heappush(self._heap, waiter)
         self._depth += 1
         self._tenant_depth[meta.tenant] = self._tenant_depth.get(meta.tenant, 0) + 1
+        self._priority_depth[meta.priority] = self._priority_depth.get(meta.priority, 0) + 1
         return waiter
 
     def _cancel(self, waiter: _Waiter) -> None:
@@ -209,8 +250,16 @@ class AdmissionQueue:
             self._leave_queue(waiter)
             waiter.future.cancel()
 
+    def _waiting_at_or_above(self, priority: int) -> int:
+        """Waiters served before a new request of this priority (few distinct priorities)."""
+        return sum(n for p, n in self._priority_depth.items() if p >= priority)
+
     def _leave_queue(self, waiter: _Waiter) -> None:
         self._depth -= 1
+        level = waiter.meta.priority
+        self._priority_depth[level] -= 1
+        if self._priority_depth[level] == 0:
+            del self._priority_depth[level]
         tenant = waiter.meta.tenant
         self._tenant_depth[tenant] -= 1
         if self._tenant_depth[tenant] == 0:
@@ -246,10 +295,14 @@ class AdmissionQueue:
     def _release(self) -> None:
         self.in_flight -= 1
         assert self.in_flight >= 0, "released more slots than were taken"
-        now = time.monotonic()
-        self._completions.append(now)
-        self._forget_old_completions(now)
         self._dispatch()
+
+    def _record_hold(self, hold_s: float) -> None:
+        self._hold_samples += 1
+        if self._mean_hold_s is None:
+            self._mean_hold_s = hold_s
+        else:
+            self._mean_hold_s += HOLD_EWMA_ALPHA * (hold_s - self._mean_hold_s)
 
     def _dispatch(self) -> None:
         while self.in_flight < self.max_concurrent and self._heap:
@@ -262,8 +315,3 @@ class AdmissionQueue:
                 self._last_tag.pop(waiter.meta.tenant, None)  # idle again: no debt to remember
             self._take_slot(waiter.meta)
             waiter.future.set_result(None)
-
-    def _forget_old_completions(self, now: float) -> None:
-        horizon = now - DRAIN_WINDOW_S
-        while self._completions and self._completions[0] < horizon:
-            self._completions.popleft()

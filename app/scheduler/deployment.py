@@ -36,6 +36,7 @@ class Scheduler:
         self.settings = AppSettings.from_args(settings)
         cfg = self.settings.scheduler
         self.replicas = replicas
+        self.replica_streams = replicas.options(stream=True)  # made once (see Gateway.streaming)
         self.admission = AdmissionQueue(
             max_queue=cfg.max_queue,
             max_concurrent=cfg.max_concurrent,
@@ -71,7 +72,7 @@ class Scheduler:
         while True:
             streamed = False
             gathered: GenerateOutput | None = None
-            stream = self.replicas.options(stream=True).generate.remote(request)
+            stream = self.replica_streams.generate.remote(request)
             self._active[request.rid] = stream
             try:
                 async for out in stream:
@@ -121,7 +122,7 @@ class Scheduler:
     async def run_program_stream(self, route: GenerateRequest, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         async with self.metrics.admitted(self._program_meta(route, body)):
             try:
-                async for event in self.replicas.options(stream=True).run_program_stream.remote(route, body):
+                async for event in self.replica_streams.run_program_stream.remote(route, body):
                     yield event
             except Exception as exc:  # noqa: BLE001
                 raise self._client_error(exc) from None

@@ -32,7 +32,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from app.protocol import GenerateRequest
 from app.scheduler.routing import ReplicaState, RoutingPolicy, make_policy
@@ -71,7 +71,11 @@ def extract_request(pending_request: PendingRequest | None) -> _Extracted | None
     return None
 
 
-class PolicyRequestRouter(RequestRouter):
+# FIFOMixin: with the base class alone (match the routed replica to the exact request), Ray Serve
+# 2.60 left one of several concurrent requests unrouted for 10-20 s (seen with 4 identical prompts
+# at once). FIFO hands the chosen replica to the oldest waiting request; when replicas accept at once
+# (the normal case) that is the request the choice was made for.
+class PolicyRequestRouter(FIFOMixin, RequestRouter):
     """Routes by an `app.scheduler.routing` policy; see the module docstring."""
 
     def initialize_state(self, policy: str = "cache_aware", **policy_kwargs: Any) -> None:
@@ -94,6 +98,10 @@ class PolicyRequestRouter(RequestRouter):
     ) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []
+        if pending_request is not None:
+            # The policy ranks every replica at once, so a failed round (all full) must back off:
+            # left False, Ray re-asks at once in a loop that never yields the event loop.
+            pending_request.routing_context.should_backoff = True
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         states = [self._state_of(r) for r in candidate_replicas]
         request = extract_request(pending_request)
@@ -139,6 +147,8 @@ class PolicyRequestRouter(RequestRouter):
     # --- internals ---------------------------------------------------------------------------
 
     def _replicas_changed(self) -> None:
+        if not hasattr(self, "_policy"):  # replicas may arrive before initialize_state
+            return
         live = {replica_id.unique_id for replica_id in self.curr_replicas}
         self._policy.on_replicas_changed(live)
         for table in (self._since_snapshot, self._snapshot_seen):

@@ -7,7 +7,7 @@ the first choice is full or fails. Policies are plain Python (no Ray): the Ray a
 Policies (config `scheduler.routing_policy`):
 - round_robin:   rotate; ignores load and cache.
 - least_loaded:  fewest outstanding tokens (prompt tokens still to prefill + tokens still to decode),
-                 ties broken by fewer queued requests.
+                 ties shared out in turn.
 - power_of_two:  two random replicas, the less loaded first (cheap, no herding on stale loads).
 - cache_aware:   approximate radix tree of what was routed where (`PrefixTree`), scored by cost.
 
@@ -26,8 +26,10 @@ least-loaded replica wins, ties going to the replica with the smallest tree (mos
 
 `prefill_weight` (default 4) prices a prefill token above a queued token: outstanding decode
 tokens drain a whole batch per step, and a spill also costs the evictions it causes in the cold
-replica's cache. With weight 1, saturated replicas spilled often and the hit rate fell from 90%
-to 80% in bench/routing.py (results in bench/results/routing.md); 4 to 64 performed alike.
+replica's cache. In bench/routing.py (4 saturated replicas) weight 1 spilled often: hit rate 76%
+and 1.83x round_robin's throughput, against 90% and 2.85x with weight 4 (bench/results/routing.md);
+in a sweep on the same workload, weights 4 to 64 performed alike. Set
+`max_tree_tokens_per_replica` to about the replica's KV cache size (max_total_tokens).
 
 Sessions: a request with `session_id` goes first to the replica that served that session before,
 in every policy, unless that replica is gone (the /run interpreter keeps one program's KV state
@@ -37,6 +39,7 @@ on one replica). Session entries are bounded (LRU).
 from __future__ import annotations
 
 import itertools
+import operator
 import random
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -83,6 +86,9 @@ class RoutingPolicy(Protocol):
 
 def _load_key(replica: ReplicaState) -> tuple[int, int]:
     return (replica.outstanding_tokens, replica.running + replica.waiting)
+
+
+_outstanding = operator.attrgetter("outstanding_tokens")
 
 
 class _SessionAffinity:
@@ -173,21 +179,32 @@ class RoundRobinPolicy(_BasePolicy):
 class LeastLoadedPolicy(_BasePolicy):
     name = "least_loaded"
 
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._counter = itertools.count()
+
+    def _rotated(self, replicas: list[ReplicaState]) -> list[ReplicaState]:
+        """The replicas from a moving start, so that a stable sort shares ties out in turn."""
+        k = next(self._counter) % len(replicas)
+        return replicas[k:] + replicas[:k]
+
     def _rank(self, token_ids: list[int], replicas: list[ReplicaState]) -> list[str]:
-        shuffled = list(replicas)
-        self._random.shuffle(shuffled)  # random among equals, so idle replicas share the work
-        return [r.replica_id for r in sorted(shuffled, key=_load_key)]
+        return [r.replica_id for r in sorted(self._rotated(replicas), key=_outstanding)]
 
 
-class PowerOfTwoPolicy(_BasePolicy):
+class PowerOfTwoPolicy(LeastLoadedPolicy):
     name = "power_of_two"
 
     def _rank(self, token_ids: list[int], replicas: list[ReplicaState]) -> list[str]:
-        shuffled = list(replicas)
-        self._random.shuffle(shuffled)
-        if len(shuffled) >= 2 and _load_key(shuffled[1]) < _load_key(shuffled[0]):
-            shuffled[0], shuffled[1] = shuffled[1], shuffled[0]
-        return [r.replica_id for r in shuffled]
+        if len(replicas) == 1:
+            return [replicas[0].replica_id]
+        i, j = self._random.sample(range(len(replicas)), 2)
+        a, b = replicas[i], replicas[j]
+        if _load_key(b) < _load_key(a):
+            a, b = b, a
+        # Fallbacks in turn (rotated), so that two full picks do not always spill to one replica.
+        rest = [r.replica_id for r in self._rotated(replicas) if r is not a and r is not b]
+        return [a.replica_id, b.replica_id] + rest
 
 
 class CacheAwarePolicy(_BasePolicy):
@@ -211,34 +228,34 @@ class CacheAwarePolicy(_BasePolicy):
         self.tree = PrefixTree(max_tree_tokens_per_replica)
         self.min_match_ratio = min_match_ratio
         self.prefill_weight = prefill_weight
+        self._counter = itertools.count()
         self.cache_routed = 0  # decisions where the cache term was used
         self.load_routed = 0  # decisions that fell back to pure load
 
     def _rank(self, token_ids: list[int], replicas: list[ReplicaState]) -> list[str]:
-        # Hot path (<= 50 us at 64 replicas): plain lists and C-level sorts, no per-replica tuples.
+        # Hot path (<= 50 us at 64 replicas): one comprehension and a C-level sort.
         n = len(token_ids)
         matches = self.tree.match(token_ids) if n else {}
-        ids = [r.replica_id for r in replicas]
-        scores = [r.outstanding_tokens for r in replicas]
-        best = max((matches[i] for i in ids if i in matches), default=0) if matches else 0
+        best = max(matches.values()) if matches else 0
         if best == 0 or best < self.min_match_ratio * n:
             # No useful cache anywhere: least loaded, ties to the smallest tree (most free cache),
-            # then random so that idle replicas share cold work.
+            # then in turn (rotated start, stable sort) so that idle replicas share cold work.
             self.load_routed += 1
             tokens_of = self.tree.tokens_of
-            rand = self._random.random
-            keys = [(score, tokens_of(i), rand()) for score, i in zip(scores, ids)]
-        else:
-            # cost = load + weight * (n - match); the constant weight * n does not change the order.
-            self.cache_routed += 1
-            weight = self.prefill_weight
-            for k, replica_id in enumerate(ids):
-                cached = matches.get(replica_id)
-                if cached:
-                    scores[k] -= weight * cached
-            keys = scores
-        order = sorted(range(len(ids)), key=keys.__getitem__)
-        return [ids[k] for k in order]
+            ordered = self._rotated(replicas)
+            ordered.sort(key=lambda r: (r.outstanding_tokens, tokens_of(r.replica_id)))
+            return [r.replica_id for r in ordered]
+        # cost = load + weight * (n - match); the constant weight * n does not change the order.
+        self.cache_routed += 1
+        weight = self.prefill_weight
+        get = matches.get
+        scores = [r.outstanding_tokens - weight * get(r.replica_id, 0) for r in replicas]
+        order = sorted(range(len(replicas)), key=scores.__getitem__)
+        return [replicas[k].replica_id for k in order]
+
+    def _rotated(self, replicas: list[ReplicaState]) -> list[ReplicaState]:
+        k = next(self._counter) % len(replicas)
+        return replicas[k:] + replicas[:k]
 
     def on_routed(self, replica_id: str, token_ids: list[int], session_id: str | None = None) -> None:
         super().on_routed(replica_id, token_ids, session_id)

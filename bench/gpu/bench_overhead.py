@@ -2,7 +2,8 @@
 """What sglserve's serving path costs on a GPU: bare `sglang.Engine` vs the same engine through
 our adapter and the replica's stream coalescing, same process, same run, same workloads.
 
-Paths (both drive ONE running sglang.Engine, in alternating order A B B A so drift cancels):
+Paths (all drive ONE running sglang.Engine, in palindromic order A B .. B A so drift cancels;
+see `Paths` for the variants measured beside these two):
 - bare:  `sglang.Engine.async_generate(input_ids=..., stream=True)`, consumed chunk by chunk,
          as any asyncio user of SGLang would.
 - ours:  `GenerateRequest` (validated) -> `SGLangEngine.generate` (increments from SGLang's
@@ -25,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
+import gc
 import json
 import os
 import platform
@@ -44,6 +47,9 @@ from tqdm import tqdm  # noqa: E402
 from app.config import AppSettings  # noqa: E402
 from app.protocol import GenerateRequest, SamplingParams  # noqa: E402
 from app.streaming import coalesce  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from app.streaming import coalesce as coalesce_lean  # noqa: E402  (the candidate, since adopted)
 
 LLAMA_8B_SHAPE = {
     "architectures": ["LlamaForCausalLM"],
@@ -87,20 +93,35 @@ def bench_settings(model_dir: str, max_running: int) -> AppSettings:
                 "attention_backend": "triton",
                 "sampling_backend": "pytorch",
                 "grammar_backend": "none",
-                "sglang_extra_args": {"skip_tokenizer_init": True, "random_seed": 0},
+                # gc_warning_threshold_secs: SGLang logs any garbage collection pause above 50 ms.
+                "sglang_extra_args": {"skip_tokenizer_init": True, "random_seed": 0,
+                                      "gc_warning_threshold_secs": 0.05},
             },
         }
     )
 
 
 class Paths:
-    """The two ways of running one request against the same engine; both return timings."""
+    """The ways of running one request against the same engine; each returns its timings.
+
+    bare     sglang.Engine.async_generate(stream=True), consumed chunk by chunk
+    ours     GenerateRequest -> SGLangEngine.generate -> app.streaming.coalesce (the replica path)
+    adapter  GenerateRequest -> SGLangEngine.generate, no coalescing (the adapter's own cost)
+    lean     the adapter -> the cheaper coalescer measured here, since adopted as app.streaming.coalesce
+    si4      the adapter asking SGLang to coalesce (stream_interval=4: first token at once, then
+             every 4) -> app.streaming.coalesce
+    """
+
+    VARIANTS = ("bare", "ours", "adapter", "lean", "si4")
 
     def __init__(self, engine: Any, settings: AppSettings):
         self.engine = engine
         self.sgl = engine.sgl
         self.chunk_tokens = settings.scheduler.decoding_chunk_size
         self.interval_s = settings.scheduler.stream_interval_ms / 1000.0
+        # Same running sglang.Engine, second adapter object asking SGLang to coalesce.
+        self.engine_si4 = copy.copy(engine)
+        self.engine_si4.stream_interval = 4
 
     async def bare(self, ids: list[int], sp: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -119,14 +140,9 @@ class Paths:
             cached = chunk["meta_info"].get("cached_tokens", 0) or 0
         return {"t0": t0, "first": first, "last": last, "tokens": tokens, "chunks": chunks, "cached": cached}
 
-    async def ours(self, ids: list[int], sp: dict[str, Any]) -> dict[str, Any]:
-        t0 = time.perf_counter()
+    async def _consume(self, t0: float, stream: Any) -> dict[str, Any]:
         first = last = None
         tokens = cached = chunks = 0
-        request = GenerateRequest(input_ids=ids, sampling=SamplingParams(**sp), stream=True)
-        stream = coalesce(
-            self.engine.generate(request), max_tokens=self.chunk_tokens, interval_s=self.interval_s
-        )
         async for out in stream:
             now = time.perf_counter()
             if out.token_ids:
@@ -137,6 +153,31 @@ class Paths:
             chunks += 1
             cached = out.cached_tokens
         return {"t0": t0, "first": first, "last": last, "tokens": tokens, "chunks": chunks, "cached": cached}
+
+    def _request(self, ids: list[int], sp: dict[str, Any]) -> GenerateRequest:
+        return GenerateRequest(input_ids=ids, sampling=SamplingParams(**sp), stream=True)
+
+    async def ours(self, ids: list[int], sp: dict[str, Any]) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        stream = coalesce(self.engine.generate(self._request(ids, sp)),
+                          max_tokens=self.chunk_tokens, interval_s=self.interval_s)
+        return await self._consume(t0, stream)
+
+    async def adapter(self, ids: list[int], sp: dict[str, Any]) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        return await self._consume(t0, self.engine.generate(self._request(ids, sp)))
+
+    async def lean(self, ids: list[int], sp: dict[str, Any]) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        stream = coalesce_lean(self.engine.generate(self._request(ids, sp)),
+                               max_tokens=self.chunk_tokens, interval_s=self.interval_s)
+        return await self._consume(t0, stream)
+
+    async def si4(self, ids: list[int], sp: dict[str, Any]) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        stream = coalesce(self.engine_si4.generate(self._request(ids, sp)),
+                          max_tokens=self.chunk_tokens, interval_s=self.interval_s)
+        return await self._consume(t0, stream)
 
 
 def rand_ids(rng: random.Random, n: int) -> list[int]:
@@ -149,14 +190,19 @@ async def run_batch(fn, prompts: list[list[int]], sp: dict[str, Any]) -> tuple[f
     return time.perf_counter() - t, results
 
 
-async def offline_throughput(paths: Paths, engine: Any, n: int, lin: int, lout: int, reps: int) -> dict:
+def palindrome(names: tuple[str, ...]) -> list[str]:
+    """A B C ... C B A: every variant runs twice, symmetric in time, so drift cancels in means."""
+    return list(names) + list(reversed(names))
+
+
+async def offline_throughput(paths: Paths, engine: Any, n: int, lin: int, lout: int) -> dict:
     rng = random.Random(7)
     sp = {"max_new_tokens": lout, "ignore_eos": True, "temperature": 0.0}
-    runs: dict[str, list[dict]] = {"bare": [], "ours": []}
-    order = (["bare", "ours", "ours", "bare"] * reps)[: 2 * reps]
-    for name in tqdm(order, desc="offline throughput", unit="run"):
+    runs: dict[str, list[dict]] = {name: [] for name in Paths.VARIANTS}
+    for name in tqdm(palindrome(Paths.VARIANTS), desc="offline throughput", unit="run"):
         prompts = [rand_ids(rng, lin) for _ in range(n)]
         await engine.flush_cache()
+        gc.collect()
         wall, results = await run_batch(getattr(paths, name), prompts, sp)
         out_tokens = sum(r["tokens"] for r in results)
         runs[name].append(
@@ -169,20 +215,7 @@ async def offline_throughput(paths: Paths, engine: Any, n: int, lin: int, lout: 
     mean = {k: statistics.mean(r["output_tok_s"] for r in v) for k, v in runs.items()}
     return {"requests": n, "input_len": lin, "output_len": lout, "runs": runs,
             "mean_output_tok_s": {k: round(v, 1) for k, v in mean.items()},
-            "ratio_ours_over_bare": round(mean["ours"] / mean["bare"], 4)}
-
-
-async def bare_batch_reference(engine: Any, n: int, lin: int, lout: int) -> dict:
-    """SGLang's own batch call (one request object, no per-request streams), for reference."""
-    rng = random.Random(8)
-    prompts = [rand_ids(rng, lin) for _ in range(n)]
-    sp = {"max_new_tokens": lout, "ignore_eos": True, "temperature": 0.0}
-    await engine.flush_cache()
-    t = time.perf_counter()
-    outs = await engine.sgl.async_generate(input_ids=prompts, sampling_params=sp)
-    wall = time.perf_counter() - t
-    tokens = sum(o["meta_info"]["completion_tokens"] for o in outs)
-    return {"wall_s": round(wall, 3), "output_tok_s": round(tokens / wall, 1)}
+            "ratio_over_bare": {k: round(v / mean["bare"], 4) for k, v in mean.items()}}
 
 
 def pct(values: list[float], q: float) -> float:
@@ -195,9 +228,10 @@ def pct(values: list[float], q: float) -> float:
 async def single_latency(paths: Paths, reps: int, lin: int, lout: int) -> dict:
     rng = random.Random(9)
     sp = {"max_new_tokens": lout, "ignore_eos": True, "temperature": 0.0}
-    samples: dict[str, list[dict]] = {"bare": [], "ours": []}
-    for i in tqdm(range(2 * reps), desc="single-request latency", unit="req"):
-        name = ("bare", "ours")[i % 2] if (i // 2) % 2 == 0 else ("ours", "bare")[i % 2]
+    names = ("bare", "ours", "lean", "si4")
+    samples: dict[str, list[dict]] = {name: [] for name in names}
+    order = [name for rep in range(reps) for name in (names if rep % 2 == 0 else names[::-1])]
+    for name in tqdm(order, desc="single-request latency", unit="req"):
         r = await getattr(paths, name)(rand_ids(rng, lin), sp)
         ttft = (r["first"] - r["t0"]) * 1e3
         itl = (r["last"] - r["first"]) / (r["tokens"] - 1) * 1e3
@@ -212,18 +246,19 @@ async def single_latency(paths: Paths, reps: int, lin: int, lout: int) -> dict:
             "e2e_p50_ms": round(pct([r["e2e_ms"] for r in rows], 0.5), 2),
             "chunks_p50": pct([r["chunks"] for r in rows], 0.5),
         }
+    bare = summary["bare"]
     return {"input_len": lin, "output_len": lout, "reps_per_path": reps, "samples": samples,
             "summary": summary,
-            "added_ttft_p50_ms": round(summary["ours"]["ttft_p50_ms"] - summary["bare"]["ttft_p50_ms"], 3),
-            "itl_ratio_ours_over_bare": round(summary["ours"]["mean_itl_p50_ms"] / summary["bare"]["mean_itl_p50_ms"], 4)}
+            "added_ttft_p50_ms": {k: round(v["ttft_p50_ms"] - bare["ttft_p50_ms"], 3) for k, v in summary.items()},
+            "e2e_ratio_over_bare": {k: round(v["e2e_p50_ms"] / bare["e2e_p50_ms"], 4) for k, v in summary.items()}}
 
 
-async def shared_prefix(paths: Paths, engine: Any, reps: int, prefix_len: int, n: int) -> dict:
+async def shared_prefix(paths: Paths, engine: Any, prefix_len: int, n: int) -> dict:
     rng = random.Random(10)
     sp_warm = {"max_new_tokens": 1, "ignore_eos": True, "temperature": 0.0}
     sp = {"max_new_tokens": 16, "ignore_eos": True, "temperature": 0.0}
     runs: dict[str, list[dict]] = {"bare": [], "ours": []}
-    for name in tqdm((["bare", "ours", "ours", "bare"] * reps)[: 2 * reps], desc="shared prefix", unit="run"):
+    for name in tqdm(palindrome(("bare", "ours")), desc="shared prefix", unit="run"):
         await engine.flush_cache()
         prefix = rand_ids(rng, prefix_len)
         fn = getattr(paths, name)
@@ -234,7 +269,7 @@ async def shared_prefix(paths: Paths, engine: Any, reps: int, prefix_len: int, n
     mean = {k: statistics.mean(r["wall_s"] for r in v) for k, v in runs.items()}
     return {"prefix_len": prefix_len, "requests": n, "runs": runs,
             "mean_wall_s": {k: round(v, 4) for k, v in mean.items()},
-            "ratio_bare_over_ours_speed": round(mean["bare"] / mean["ours"], 4)}
+            "speed_ratio_ours_over_bare": round(mean["bare"] / mean["ours"], 4)}
 
 
 def sh(cmd: str) -> str:
@@ -260,37 +295,63 @@ def describe_device() -> dict[str, Any]:
     }
 
 
+LABELS = {
+    "bare": "bare sglang.Engine",
+    "ours": "sglserve replica path (adapter + app.streaming.coalesce)",
+    "adapter": "adapter alone (no coalescing)",
+    "lean": "adapter + candidate lean coalescer",
+    "si4": "adapter with SGLang stream_interval=4 + app.streaming.coalesce",
+}
+
+
 def markdown(res: dict[str, Any]) -> str:
     d, tp, lat, pre = res["device"], res["throughput"], res["latency"], res["shared_prefix"]
-    s = res["settings"]
     lines = [
-        "# GPU overhead benchmark: bare sglang.Engine vs sglserve's replica path",
+        "## Run " + res["started_utc"],
         "",
         f"Device: {d['gpu']}; CUDA runtime {d['cuda_runtime']}; torch {d['torch']}; sglang {d['sglang']}; "
-        f"Python {d['python']}; {d['cpu_count']} CPU cores ({d['cpu']}).",
-        f"Model: Llama-3.1-8B shape, bf16, dummy weights, token ids (no tokenizer); engine start {res['engine_start_s']} s. "
-        f"Engine settings: {json.dumps(s)}.",
-        f"'ours' = GenerateRequest -> SGLangEngine.generate -> app.streaming.coalesce(max_tokens={res['coalesce']['max_tokens']}, "
-        f"interval_s={res['coalesce']['interval_s']}) in the same process; no Ray hops (Ray is not on the device).",
+        f"Python {d['python']}; {d['cpu_count']} CPU cores ({d['cpu'].strip()}).",
+        f"Model: Llama-3.1-8B shape, bf16, dummy weights, token ids (no tokenizer); engine start "
+        f"{res['engine_start_s']} s. Replica coalescing: max_tokens={res['coalesce']['max_tokens']}, "
+        f"interval_s={res['coalesce']['interval_s']}. Engine settings: `{json.dumps(res['settings'])}`.",
         "",
-        "| workload | bare sglang.Engine | sglserve path | ratio / delta | target |",
-        "|---|---|---|---|---|",
-        f"| offline throughput, {tp['requests']} x ({tp['input_len']} in, {tp['output_len']} out), output tok/s "
-        f"(mean of {len(tp['runs']['bare'])}) | {tp['mean_output_tok_s']['bare']:,} | {tp['mean_output_tok_s']['ours']:,} | "
-        f"**{tp['ratio_ours_over_bare']:.3f}** | >= 0.98 |",
-        f"| single request {lat['input_len']} in / {lat['output_len']} out: TTFT p50 (ms, {lat['reps_per_path']} each) | "
-        f"{lat['summary']['bare']['ttft_p50_ms']:.2f} | {lat['summary']['ours']['ttft_p50_ms']:.2f} | "
-        f"**{lat['added_ttft_p50_ms']:+.2f} ms** | <= +3 ms |",
-        f"| same: mean ITL p50 (ms) | {lat['summary']['bare']['mean_itl_p50_ms']:.3f} | "
-        f"{lat['summary']['ours']['mean_itl_p50_ms']:.3f} | {lat['itl_ratio_ours_over_bare']:.3f}x | |",
-        f"| same: TTFT p90 (ms) | {lat['summary']['bare']['ttft_p90_ms']:.2f} | {lat['summary']['ours']['ttft_p90_ms']:.2f} | | |",
-        f"| shared prefix: {pre['requests']} requests on a {pre['prefix_len']}-token prefix, 16 out, wall (s) | "
-        f"{pre['mean_wall_s']['bare']:.4f} | {pre['mean_wall_s']['ours']:.4f} | {pre['ratio_bare_over_ours_speed']:.3f} (speed ratio) | |",
-        f"| reference: SGLang's own batch call (one request object), output tok/s | "
-        f"{res['bare_batch_reference']['output_tok_s']:,} | | | |",
+        f"### Offline throughput: {tp['requests']} requests x ({tp['input_len']} in, {tp['output_len']} out), all at once",
         "",
-        "Per-run numbers: bench_results.json beside this file.",
+        "| path | output tok/s (mean of 2, runs A..E E..A) | ratio to bare | chunks per request |",
+        "|---|---|---|---|",
     ]
+    for name in Paths.VARIANTS:
+        runs = tp["runs"][name]
+        each = ", ".join(f"{r['output_tok_s']:,}" for r in runs)
+        lines.append(
+            f"| {LABELS[name]} | {tp['mean_output_tok_s'][name]:,} ({each}) | "
+            f"**{tp['ratio_over_bare'][name]:.3f}** | {runs[0]['chunks_per_request']} |"
+        )
+    lines += [
+        "",
+        f"### One request at a time: {lat['input_len']} in / {lat['output_len']} out, streamed, "
+        f"{lat['reps_per_path']} requests per path (interleaved)",
+        "",
+        "| path | TTFT p50 (ms) | added TTFT p50 (ms) | TTFT p90 (ms) | mean ITL p50 (ms) | e2e p50 (ms) | chunks |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, row in lat["summary"].items():
+        lines.append(
+            f"| {LABELS[name]} | {row['ttft_p50_ms']:.2f} | **{lat['added_ttft_p50_ms'][name]:+.2f}** | "
+            f"{row['ttft_p90_ms']:.2f} | {row['mean_itl_p50_ms']:.3f} | {row['e2e_p50_ms']:.1f} | {row['chunks_p50']:.0f} |"
+        )
+    lines += [
+        "",
+        f"### Shared prefix: {pre['requests']} requests on one {pre['prefix_len']}-token prefix (+32 own tokens, 16 out), after one warm request",
+        "",
+        "| path | wall (s, mean of 2) | prompt tokens served from cache |",
+        "|---|---|---|",
+    ]
+    for name in ("bare", "ours"):
+        lines.append(
+            f"| {LABELS[name]} | {pre['mean_wall_s'][name]:.4f} | "
+            f"{pre['runs'][name][0]['cached_tokens']:,} of {pre['runs'][name][0]['prompt_tokens']:,} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -306,6 +367,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     print(f"[bench] engine started in {start_s}s", flush=True)
     paths = Paths(engine, settings)
     res: dict[str, Any] = {
+        "started_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "device": describe_device(), "engine_start_s": start_s,
         "settings": {k: v for k, v in engine.server_args().items() if not k.startswith("resolved_") and k != "model_path"},
         "resolved": {k: v for k, v in engine.server_args().items() if k.startswith("resolved_")},
@@ -319,16 +381,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     try:
         rng = random.Random(1)
         warm_sp = {"max_new_tokens": 32, "ignore_eos": True, "temperature": 0.0}
-        for fn in (paths.bare, paths.ours):  # JIT builds and graph warm-up stay out of the numbers
-            await run_batch(fn, [rand_ids(rng, 512) for _ in range(8)], warm_sp)
+        for name in Paths.VARIANTS:  # JIT builds and graph warm-up stay out of the numbers
+            await run_batch(getattr(paths, name), [rand_ids(rng, 512) for _ in range(8)], warm_sp)
         await run_batch(paths.bare, [rand_ids(rng, 512) for _ in range(args.requests)], warm_sp)
-        res["throughput"] = await offline_throughput(paths, engine, args.requests, 512, 256, args.reps)
-        save()
-        res["bare_batch_reference"] = await bare_batch_reference(engine, args.requests, 512, 256)
+        res["throughput"] = await offline_throughput(paths, engine, args.requests, 512, 256)
         save()
         res["latency"] = await single_latency(paths, args.latency_reps, 512, 128)
         save()
-        res["shared_prefix"] = await shared_prefix(paths, engine, args.reps, 2048, 32)
+        res["shared_prefix"] = await shared_prefix(paths, engine, 2048, 32)
         res["stats_after"] = engine.stats().model_dump()
         save()
         (out / "results.md").write_text(markdown(res))
@@ -343,8 +403,7 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     parser.add_argument("--model-dir", default="/tmp/sglserve_llama8b_shape")
     parser.add_argument("--requests", type=int, default=256)
-    parser.add_argument("--reps", type=int, default=2, help="runs per path (throughput, prefix)")
-    parser.add_argument("--latency-reps", type=int, default=12)
+    parser.add_argument("--latency-reps", type=int, default=8, help="requests per path")
     args = parser.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     res = asyncio.run(main_async(args))

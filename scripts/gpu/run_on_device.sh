@@ -2,7 +2,7 @@
 # The one device call: GPU test suite + GPU benchmark against the real sglang.Engine.
 #
 # Prepare here (CPU machine, repo root), once:
-#   bash ../shared/gpu/make_sglang_site.sh        # -> .sgl/site.tar.xz (sglang 0.5.17 + deps, ~44 MiB)
+#   bash scripts/gpu/make_sglang_site.sh          # -> .sgl/site.tar.xz (sglang 0.5.17 + deps, ~44 MiB, ~3 min)
 #   bash scripts/gpu/fetch_test_wheels.sh         # -> .whl/ (pytest 9.2 + pytest-asyncio 1.5)
 # Then one call of the device tool, from the repo root, with carry [".sgl", ".whl"]:
 #   bash scripts/gpu/run_on_device.sh [tests|bench|all]
@@ -55,9 +55,17 @@ if [[ "$what" == "tests" || "$what" == "all" ]]; then
   stamp "building the tiny model"
   python3 -m app.engines.tiny_model --cache-dir "$SGLSERVE_TEST_CACHE" --quiet
   stamp "GPU test suite"
-  timeout "${TESTS_TIMEOUT_S:-300}" python3 -m pytest tests/gpu -v -p no:cacheprovider -rs \
-    --junitxml "$OUT/gpu_tests.xml" 2>&1 | tee "$OUT/gpu_tests.log"
-  rc_tests=${PIPESTATUS[0]}
+  # Own process group, so whatever SGLang leaves behind on a timeout can be ended by its id
+  # before the benchmark needs the GPU. -s: SGLang's own output goes to the log as it happens.
+  setsid python3 -m pytest tests/gpu -v -s -p no:cacheprovider -rs --timeout "${TEST_TIMEOUT_S:-200}" \
+    --junitxml "$OUT/gpu_tests.xml" > "$OUT/gpu_tests.log" 2>&1 &
+  pid=$!
+  ( sleep "${TESTS_TIMEOUT_S:-300}"; kill -TERM -- "-$pid" 2>/dev/null; sleep 10; kill -KILL -- "-$pid" 2>/dev/null ) &
+  killer=$!
+  wait "$pid"; rc_tests=$?
+  kill "$killer" 2>/dev/null
+  kill -KILL -- "-$pid" 2>/dev/null  # anything of the test session still alive
+  grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed" "$OUT/gpu_tests.log" | grep -v "^\s*$" | tail -60
   stamp "tests rc=$rc_tests"
 fi
 if [[ "$what" == "bench" || "$what" == "all" ]]; then

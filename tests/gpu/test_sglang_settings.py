@@ -86,3 +86,21 @@ async def test_start_without_cuda_or_sglang_says_what_is_missing(gpu_status):
     engine = SGLangEngine.from_settings(settings())
     with pytest.raises(EngineError, match="sglang|CUDA"):
         await engine.start()
+
+
+def test_the_unvalidated_hot_path_output_equals_a_validated_one():
+    from app.engines.sglang_stream import new_output
+    from app.protocol import FinishReason, GenerateOutput
+
+    fields = dict(
+        rid="r1", text="hi", token_ids=[5, 6], finished=True,
+        finish_reason=FinishReason(type="length", length=2), prompt_tokens=3, completion_tokens=2,
+        cached_tokens=1, output_token_logprobs=[(-0.5, 5, None), (-0.25, 6, None)],
+        output_top_logprobs=None, input_token_logprobs=None, input_top_logprobs=None,
+        engine_arrival_time=1.0, first_token_time=2.0,
+    )
+    fast = new_output(**dict(fields))
+    assert fast == GenerateOutput(**fields)
+    assert fast.model_dump() == GenerateOutput(**fields).model_dump()
+    fast.text = "changed"  # still a normal, mutable model
+    assert fast.text == "changed"

@@ -56,6 +56,13 @@ def prometheus_binary() -> str:
     return found
 
 
+def ray_metrics_port() -> int:
+    """The metrics export port of the session's Ray node (tests/conftest.py fixes it)."""
+    import ray
+
+    return ray._private.worker._global_node.metrics_export_port
+
+
 @dataclass
 class Prometheus:
     url: str
@@ -100,7 +107,7 @@ class Prometheus:
 def prometheus(ray_cluster, tmp_path_factory) -> Iterator[Prometheus]:
     binary = prometheus_binary()
     workdir: Path = tmp_path_factory.mktemp("prometheus")
-    target = f"127.0.0.1:{ray_cluster.metrics_port}"
+    target = f"127.0.0.1:{ray_metrics_port()}"
     config = workdir / "prometheus.yml"
     config.write_text(
         "global:\n"
@@ -136,7 +143,11 @@ def prometheus(ray_cluster, tmp_path_factory) -> Iterator[Prometheus]:
             if time.monotonic() > deadline:
                 raise RuntimeError("prometheus did not become ready in 60 s")
             time.sleep(0.3)
-        yield Prometheus(url=url, scrape_target=target)
+        server = Prometheus(url=url, scrape_target=target)
+        # Prometheus applies new targets after a few seconds: wait for a first successful scrape,
+        # so that baselines taken by the tests are real values, not "no data yet".
+        server.wait_for(lambda: server.value('sum(up{job="ray"})') == 1, timeout_s=60, what="a first scrape")
+        yield server
     finally:
         process.terminate()  # by PID: only the server this fixture started
         try:
@@ -152,7 +163,7 @@ def scrape_ray_metrics(ray_cluster) -> Callable[[], str]:
     """Returns a function giving the Prometheus exposition Ray's metrics agent serves right now."""
 
     def scrape() -> str:
-        resp = httpx.get(f"http://127.0.0.1:{ray_cluster.metrics_port}/metrics", timeout=10)
+        resp = httpx.get(f"http://127.0.0.1:{ray_metrics_port()}/metrics", timeout=10)
         resp.raise_for_status()
         return resp.text
 

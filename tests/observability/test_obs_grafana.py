@@ -54,11 +54,17 @@ def test_every_catalogue_metric_is_on_the_dashboard():
 
 
 def test_every_dashboard_metric_is_exported(stack, exported_metric_names):
-    httpx.post(
+    # A streamed completion long enough to arrive in several chunks (inter-token latency).
+    with httpx.stream(
+        "POST",
         f"{stack.base_url}/v1/completions",
-        json={"model": "sglserve/tiny-llama", "prompt": "Grafana", "max_tokens": 4, "temperature": 0},
+        json={"model": "sglserve/tiny-llama", "prompt": "Grafana", "max_tokens": 48, "temperature": 0,
+              "ignore_eos": True, "stream": True},
         timeout=120,
-    ).raise_for_status()
+    ) as resp:
+        resp.raise_for_status()
+        chunks = sum(1 for line in resp.iter_lines() if line.startswith("data: "))
+    assert chunks > 2
     event_only = {n for spec in CATALOGUE if spec.on_event_only for n in spec.exported_names}
     always = {n for spec in CATALOGUE if not spec.on_event_only for n in spec.exported_names}
     wanted = {name for exprs in dashboard_queries().values() for e in exprs for name in names_in(e)}
@@ -70,5 +76,6 @@ def test_every_dashboard_metric_is_exported(stack, exported_metric_names):
         if not missing or time.monotonic() > deadline:
             break
         time.sleep(1)
-    assert not missing, f"queried or catalogued but not exported: {missing}"
+    serve_names = sorted(n for n in live if n.startswith("ray_serve_"))
+    assert not missing, f"queried or catalogued but not exported: {missing}; Ray Serve exports {serve_names}"
     assert wanted - live <= event_only

@@ -97,12 +97,19 @@ def test_prometheus_sees_our_series_with_counts_matching_the_traffic(stack, prom
     def deltas() -> dict[str, float]:
         return {k: prometheus.value(COUNTS[k]) - before[COUNTS[k]] for k in COUNTS}
 
-    prometheus.wait_for(
-        lambda: all(deltas()[k] == v for k, v in expected.items()), what=f"the deltas {expected}"
-    )
+    seen: dict[str, float] = {}
+
+    def matches() -> bool:
+        seen.update(deltas())
+        # Readiness probes are admitted (and timed) too, so the queue-time count may be higher.
+        return all(seen[k] == v for k, v in expected.items()) and seen["queue"] >= sent
+
+    try:
+        prometheus.wait_for(matches, what=f"the deltas {expected}")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; last seen {seen}") from None
     final = deltas()
     assert {k: final[k] for k in expected} == expected
-    assert final["queue"] >= sent  # readiness probes are admitted (and timed) too
 
     # Labels: our model label plus the ones Ray Serve adds, on every deployment's metrics.
     for metric, deployment in [

@@ -56,17 +56,53 @@ async def test_full_queue_answers_503_with_retry_after_at_once() -> None:
     assert queue.stats()["rejected_full_total"] == 1
 
 
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 async def test_retry_after_follows_the_drain_rate() -> None:
-    queue = AdmissionQueue(max_queue=100, max_concurrent=1, max_queue_wait_s=30.0)
-    for i in range(20):  # 20 completions within ~0 s: the rate is counted over >= 1 s -> 20/s
+    clock = FakeClock()
+    queue = AdmissionQueue(max_queue=100, max_concurrent=2, max_queue_wait_s=30.0, clock=clock)
+    for i in range(20):  # each request holds its slot 0.1 s: 2 slots drain 20 requests/s
         async with queue.admit(meta(f"warm{i}")):
-            pass
+            clock.now += 0.1
+    assert queue.drain_rate() == pytest.approx(20.0)
     release, order = asyncio.Event(), []
-    tasks = [asyncio.create_task(hold(queue, meta(f"r{i}"), release, order)) for i in range(61)]
+    tasks = [asyncio.create_task(hold(queue, meta(f"r{i}"), release, order)) for i in range(62)]
     await settle()
     assert queue.depth == 60
     # 61 requests ahead at 20/s: about 3 s, not the 30 s fallback and not the 1 s floor.
-    assert 2.0 <= queue.retry_after_s() <= 4.0
+    assert queue.retry_after_s() == pytest.approx(61 / 20)
+    release.set()
+    await asyncio.gather(*tasks)
+
+
+async def test_a_request_that_would_time_out_is_refused_at_once() -> None:
+    clock = FakeClock()
+    queue = AdmissionQueue(max_queue=1000, max_concurrent=1, max_queue_wait_s=1.0, clock=clock)
+    for i in range(20):  # 1 slot, 0.1 s per request: 10 requests/s
+        async with queue.admit(meta(f"warm{i}")):
+            clock.now += 0.1
+    release, order = asyncio.Event(), []
+    tasks = [asyncio.create_task(hold(queue, meta(f"r{i}"), release, order)) for i in range(11)]
+    await settle()
+    assert queue.depth == 10  # the 10th saw 9 ahead: (9 + 1) / 10 per s = 1 s, within the limit
+    started = time.perf_counter()
+    with pytest.raises(OverloadedError) as info:
+        async with queue.admit(meta("one-too-many")):  # (10 + 1) / 10 per s = 1.1 s > 1 s
+            pass
+    assert time.perf_counter() - started < 0.01
+    assert info.value.code == "overloaded" and "wait limit" in info.value.message
+    assert queue.stats()["rejected_predicted_total"] == 1
+    # A higher priority has nobody ahead of it: it is queued, not refused.
+    urgent = asyncio.create_task(hold(queue, meta("urgent", priority=9), release, order))
+    await settle()
+    assert queue.depth == 11 and not urgent.done()
+    tasks.append(urgent)
     release.set()
     await asyncio.gather(*tasks)
 
@@ -216,3 +252,16 @@ async def test_bad_settings_are_refused() -> None:
         AdmissionQueue(max_queue=1, max_concurrent=0, max_queue_wait_s=1.0)
     with pytest.raises(ValueError, match="weight"):
         AdmissionQueue(max_queue=1, max_concurrent=1, max_queue_wait_s=1.0, tenant_weights={"a": 0})
+
+
+async def test_request_meta_from_a_request_uses_the_tenant_default_priority() -> None:
+    from app.protocol import GenerateRequest, SamplingParams
+
+    plain = GenerateRequest(input_ids=[1] * 10, tenant="gold", sampling=SamplingParams(max_new_tokens=5))
+    explicit = GenerateRequest(input_ids=[1] * 10, tenant="gold", priority=-1, deadline=123.0)
+    defaults = {"gold": 7}
+    assert RequestMeta.from_request(plain, defaults).priority == 7
+    assert RequestMeta.from_request(plain, defaults).cost_tokens == 15
+    assert RequestMeta.from_request(explicit, defaults).priority == -1
+    assert RequestMeta.from_request(explicit, defaults).deadline == 123.0
+    assert RequestMeta.from_request(plain).priority == 0

@@ -19,6 +19,8 @@ from ray.serve.config import RequestRouterConfig  # noqa: E402
 from app.protocol import GenerateRequest, SamplingParams  # noqa: E402
 from app.scheduler.ray_router import PolicyRequestRouter  # noqa: E402
 
+pytestmark = pytest.mark.serve  # uses the session's Ray cluster
+
 SYSTEM_A = list(range(100, 400))
 SYSTEM_B = list(range(1000, 1300))
 

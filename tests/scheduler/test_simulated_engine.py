@@ -71,12 +71,16 @@ def test_batch_is_capped_and_the_rest_waits() -> None:
         await asyncio.sleep(0.005)
         mid = engine.stats()
         await asyncio.gather(*tasks)
+        end = engine.stats()
         await engine.shutdown()
-        return mid
+        return mid, end
 
-    mid = run_virtual(main())
+    mid, end = run_virtual(main())
     assert mid.num_running == 2 and mid.num_waiting == 2
-    assert mid.outstanding_tokens > 0
+    # 2 waiting (1 prompt + 10 new tokens each) + 2 running (prefilled, first token out at
+    # ~40 us, now inside a 10 ms decode step: 9 tokens left each)
+    assert mid.outstanding_tokens == 2 * 11 + 2 * 9
+    assert end.outstanding_tokens == 0 and end.num_running == 0
 
 
 def test_abort_and_bad_input() -> None:

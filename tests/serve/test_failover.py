@@ -27,7 +27,7 @@ def replica_actor_names(app_name: str) -> list[str]:
 @pytest.fixture(scope="module")
 def two_replicas(ray_cluster, tiny_model_path):
     stack = deploy(
-        "failover", "/failover", serve_args(scheduler={"routing_policy": "round_robin", "max_retries": 3}),
+        ray_cluster, "failover", "/failover", serve_args(scheduler={"routing_policy": "round_robin", "max_retries": 3}),
         replica_options={"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.4}},
     )
     yield stack

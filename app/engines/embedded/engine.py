@@ -29,7 +29,7 @@ import torch
 
 from app.config import EngineSettings, ModelSettings
 from app.engines.base import Engine, Tokenizer, generate_all
-from app.engines.embedded.batch_scheduler import BatchScheduler, ScheduledBatch
+from app.engines.embedded.batch_scheduler import BatchScheduler
 from app.engines.embedded.kv_pool import (
     KVPool,
     ReqToTokenPool,
@@ -96,7 +96,8 @@ class EmbeddedEngine(Engine):
             if s.device == "cuda" and device.type != "cuda":
                 raise EngineError("engine.device is 'cuda' but no CUDA device is available")
             self.model_path = resolve_model_path(self.model_settings)
-            self._tokenizer = HFTokenizer(resolve_tokenizer_path(self.model_settings))
+            self._tokenizer = HFTokenizer(resolve_tokenizer_path(self.model_settings),
+                                          trust_remote_code=self.model_settings.trust_remote_code)
             self._hf = self._tokenizer_backend(self._tokenizer)
             self.runner = ModelRunner(
                 self.model_path, dtype=self.model_settings.dtype, device=device,

@@ -58,6 +58,7 @@ import jsonschema
 import torch
 import xgrammar as xgr
 
+from app.protocol import JSON_OBJECT_GRAMMAR  # noqa: F401 - re-exported
 from app.errors import PayloadTooLargeError, ValidationError
 
 GRAMMAR_KINDS = ("json_schema", "regex", "ebnf")
@@ -69,16 +70,6 @@ CACHE_MAX_ENTRIES = 256
 # OpenAI's response_format {"type": "json_object"}: any JSON object. Use with kind "ebnf".
 # (A json_schema of {"type": "object"} would not do: xgrammar's strict mode forbids properties
 # that the schema does not name.)
-JSON_OBJECT_GRAMMAR = r"""
-root ::= object
-value ::= object | array | string | number | "true" | "false" | "null"
-object ::= "{" ws ( member ( "," ws member )* )? "}"
-member ::= string ":" ws value ws
-array ::= "[" ws ( value ws ( "," ws value ws )* )? "]"
-string ::= "\"" ( [^"\\\x00-\x1f] | "\\" ( ["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] ) )* "\""
-number ::= "-"? ( "0" | [1-9] [0-9]* ) ( "." [0-9]+ )? ( [eE] [-+]? [0-9]+ )?
-ws ::= [ ]?
-"""
 
 # Witness search: which allowed byte to try first (earlier = preferred). Closers end structures,
 # separators and openers start new ones, so they come last.
@@ -377,7 +368,9 @@ class GrammarMatcher:
         if not witness:  # complete: stopping is progress
             keep[self.vocabulary.stop_token_ids] = True
         elif cost <= budget_after:
-            for token_id in torch.nonzero(mask & ~keep).flatten().tolist():
+            candidates = mask & ~keep
+            candidates[self.vocabulary.stop_token_ids] = False  # stopping now is not "harmless"
+            for token_id in torch.nonzero(candidates).flatten().tolist():
                 if self._keeps_witness(token_id, witness):
                     keep[token_id] = True
                     self._harmless.add(token_id)

@@ -1,0 +1,162 @@
+"""What the benchmarks share: the machine's description, percentiles, a local Ray Serve stack,
+a streaming HTTP client that times the first token, and writing results.
+
+Benchmarks run on loopback only, with bounded request counts, and stop what they start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).parent / "results"
+MODEL = "sglserve/tiny-llama"
+
+
+def machine() -> str:
+    """One line about the machine and the versions that matter, for every results file."""
+    import torch
+
+    cpu = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    load = os.getloadavg()[0]
+    try:
+        import ray
+
+        ray_version = ray.__version__
+    except ImportError:
+        ray_version = "n/a"
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {mem_gib:.0f} GiB RAM, {platform.system()} {platform.release()}, "
+        f"Python {platform.python_version()}, torch {torch.__version__}, Ray {ray_version}; "
+        f"load average at start {load:.1f}"
+    )
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0..100) by linear interpolation; NaN for no values."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100.0
+    lo, hi = int(pos), min(int(pos) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_result(name: str, markdown: str) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.md"
+    path.write_text(markdown)
+    return path
+
+
+# -- a local Ray Serve stack -------------------------------------------------------------------------
+
+
+def start_ray_serve(**ray_kwargs: Any) -> int:
+    """Start a private local Ray cluster and Serve's HTTP proxy on a free loopback port."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+    from ray import serve
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+             configure_logging=False, **ray_kwargs)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return port
+
+
+def stop_ray_serve() -> None:
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+def deploy_app(port: int, name: str, args: dict, replica_options: dict | None = None,
+               timeout_s: float = 300) -> str:
+    """Deploy sglserve under /<name> and wait for /ready; returns its base URL."""
+    import httpx
+    from ray import serve
+
+    from app.config import AppSettings
+    from app.deployments import build
+
+    small = {"ray_actor_options": {"num_cpus": 0.1}}
+    options = {"Ingress": small, "Scheduler": small,
+               "ModelReplica": replica_options or {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}}
+    serve.run(build(AppSettings.from_args(args), options), name=name, route_prefix=f"/{name}", blocking=False)
+    base = f"http://127.0.0.1:{port}/{name}"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/ready", timeout=60).status_code == 200:
+                return base
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"{name} did not become ready in {timeout_s:.0f}s")
+
+
+# -- timing one streamed request ---------------------------------------------------------------------
+
+
+@dataclass
+class StreamTiming:
+    ttft_s: float
+    total_s: float
+    tokens: int
+
+
+async def stream_completion(client, base: str, body: dict) -> StreamTiming:
+    """POST a streaming /v1/completions and time the first text chunk and the end."""
+    started = time.perf_counter()
+    ttft = None
+    tokens = 0
+    async with client.stream("POST", f"{base}/v1/completions", json={**body, "stream": True,
+                             "stream_options": {"include_usage": True}}) as resp:
+        resp.raise_for_status()
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if ttft is None and event.get("choices") and event["choices"][0].get("text"):
+                ttft = time.perf_counter() - started
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+    total = time.perf_counter() - started
+    return StreamTiming(ttft if ttft is not None else total, total, tokens)
+
+
+async def closed_loop(run_one, concurrency: int, total_requests: int) -> tuple[list[Any], float]:
+    """Run `total_requests` calls of `run_one(i)` with `concurrency` workers; (results, wall_s)."""
+    results: list[Any] = []
+    counter = iter(range(total_requests))
+    started = time.perf_counter()
+
+    async def worker() -> None:
+        for i in counter:
+            results.append(await run_one(i))
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return results, time.perf_counter() - started
