@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.lang.settings import RunSettings
+from app.security import SecuritySettings
 
 from app.metrics import ObservabilitySettings
 
@@ -77,6 +78,16 @@ class SchedulerSettings(_Section):
     routing_policy: Literal["round_robin", "least_loaded", "power_of_two", "cache_aware"] = (
         "cache_aware"
     )
+    routing_policy_kwargs: dict[str, Any] = Field(default_factory=dict)  # e.g. prefill_weight
+    # Fairness: weight per tenant (API key id or user); unnamed tenants weigh 1.
+    tenant_weights: dict[str, float] = Field(default_factory=dict)
+    # Adaptive batching: per replica, the requests in flight follow a feedback controller aiming at
+    # these p95 SLOs (app.scheduler.control), between the two bounds.
+    adaptive_concurrency: bool = True
+    slo_ttft_ms: float = Field(2000.0, gt=0)
+    slo_itl_ms: float = Field(200.0, gt=0)
+    min_in_flight_per_replica: int = Field(8, gt=0)
+    max_in_flight_per_replica: int = Field(256, gt=0)
     decoding_chunk_size: int = Field(16, gt=0)  # max tokens coalesced into one streamed chunk
     stream_interval_ms: float = Field(10.0, ge=0)  # after the first token, send at most this often
     max_retries: int = Field(2, ge=0)
@@ -95,6 +106,7 @@ class AppSettings(_Section):
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     ingress: IngressSettings = Field(default_factory=IngressSettings)
     run: RunSettings = Field(default_factory=RunSettings)  # /run: limits and registered functions
+    security: SecuritySettings = Field(default_factory=SecuritySettings)  # API keys
     observability: ObservabilitySettings = Field(default_factory=ObservabilitySettings)
 
     @classmethod

@@ -174,6 +174,7 @@ class GenerateOutput(BaseModel):
     # when its first token was produced. Used for metrics and framework-overhead accounting.
     engine_arrival_time: float | None = None
     first_token_time: float | None = None
+    served_by: str | None = None  # the replica that produced the final output (for the scheduler)
 
     def merge(self, later: "GenerateOutput") -> "GenerateOutput":
         """Concatenate a later increment of the same request onto this one."""
@@ -202,6 +203,7 @@ class GenerateOutput(BaseModel):
             input_top_logprobs=self.input_top_logprobs or later.input_top_logprobs,
             engine_arrival_time=self.engine_arrival_time or later.engine_arrival_time,
             first_token_time=self.first_token_time or later.first_token_time,
+            served_by=later.served_by or self.served_by,
         )
 
 

@@ -31,6 +31,10 @@ class ModelReplica:
         from app.engines.factory import make_engine  # engines import heavy libraries
 
         self.settings = AppSettings.from_args(settings)
+        try:
+            self.replica_id = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # noqa: BLE001 - constructed outside Serve (tests)
+            self.replica_id = "local"
         started = time.monotonic()
         self.engine: Engine = make_engine(self.settings)
         await self.engine.start()
@@ -55,6 +59,8 @@ class ModelReplica:
             interval_s=scheduler.stream_interval_ms / 1000.0,
         )
         async for out in stream:
+            if out.finished:
+                out.served_by = self.replica_id
             yield out
 
     async def run_program(self, route: GenerateRequest, body: dict[str, Any]) -> dict[str, Any]:
@@ -70,10 +76,11 @@ class ModelReplica:
     async def abort(self, rid: str) -> bool:
         return await self.engine.abort(rid)
 
-    async def flush_cache(self) -> bool:
+    async def flush_cache(self, target_replica: str | None = None) -> bool:
+        # `target_replica` only steers the request router (the scheduler flushes each replica).
         return await self.engine.flush_cache()
 
-    def stats(self) -> EngineStats:
+    def stats(self, target_replica: str | None = None) -> EngineStats:
         return self.engine.stats()
 
     def model_info(self) -> ModelInfo:

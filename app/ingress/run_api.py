@@ -28,6 +28,8 @@ def _leading_text(program: str | list[Any]) -> str:
         end = program.find("{")
         return program[: end if end >= 0 else len(program)][:ROUTING_PREFIX_CHARS]
     first = program[0] if program else None
+    if isinstance(first, str):  # a bare string is a text op
+        return first[:ROUTING_PREFIX_CHARS]
     if isinstance(first, dict) and isinstance(first.get("text"), str):
         return first["text"][:ROUTING_PREFIX_CHARS]
     return ""
@@ -39,7 +41,10 @@ def run_router(gateway_of) -> APIRouter:
     @router.post("/run")
     async def run(body: RunRequest, request: Request):
         gateway: Gateway = gateway_of(request)
-        parse(body.program, settings=gateway.settings.run, arguments=body.arguments)  # 413/422 now
+        # 413/422 now, before anything queues; the request's sampling defaults count towards the
+        # token limit exactly as on the replica.
+        parse(body.program, settings=gateway.settings.run, arguments=body.arguments,
+              defaults=body.sampling)
         lead = _leading_text(body.program)
         route = GenerateRequest(
             rid=uuid.uuid4().hex,

@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app.config import AppSettings
 from app.errors import APIError, NotFoundError, PayloadTooLargeError, unwrap_error
 from app.ingress.gateway import Gateway, ModelLimits
+from app.security import Authenticator
 from app.ingress.native_api import native_router
 from app.ingress.openai_api import openai_router
 from app.ingress.run_api import run_router
@@ -36,6 +37,7 @@ class _Current:
     module's `api` object would not be the served app's: keep it in a module-level holder."""
 
     gateway: Gateway | None = None
+    auth: Authenticator | None = None
 
 
 def gateway_of(request: Request) -> Gateway:
@@ -134,8 +136,23 @@ async def _request_context(request: Request, call_next):
         return trace.finish(_error_response(
             PayloadTooLargeError(f"the request body has {length} bytes; the limit is {limit}"), request
         ))
+    auth = _Current.auth
+    if auth is not None and auth.requires_key(_route_path(request)):
+        try:
+            key = auth.authenticate(request.headers.get("authorization"), request.headers.get("x-api-key"))
+        except APIError as error:
+            return trace.finish(_error_response(error, request))
+        request.state.key_id = request.state.tenant = key.id
+        request.state.priority = key.priority
+        request.state.max_priority = key.max_priority
     response = await call_next(request)
     return trace.finish(response)
+
+
+def _route_path(request: Request) -> str:
+    """The path below the application's route prefix (Serve mounts apps under root_path)."""
+    path, root = request.scope.get("path", ""), request.scope.get("root_path", "")
+    return path[len(root):] or "/" if root and path.startswith(root) else path
 
 
 def _serve_request_id() -> str:
@@ -200,6 +217,7 @@ class Ingress:
         limits, tokenizer = load_model_limits(app_settings)
         configure_ingress_observability(limits.name, app_settings.observability)
         _Current.gateway = Gateway(app_settings, scheduler, tokenizer, limits)
+        _Current.auth = Authenticator(app_settings.security) if app_settings.security.enabled else None
         logger.info("ingress ready for model %s", json.dumps(limits.name))
 
 

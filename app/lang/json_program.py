@@ -20,7 +20,7 @@ import json
 from typing import Any
 
 from app.lang import ast
-from app.lang.builtins import build_gen, build_select, check_variable_name
+from app.lang.builtins import RESERVED_VARIABLES, build_gen, build_select, check_variable_name
 from app.lang.errors import ScriptError
 
 COMPARISONS = ("==", "!=", "<", "<=", ">", ">=", "in")
@@ -147,6 +147,8 @@ class JsonProgramParser:
             raise self.error(where, f"unsupported value of type {type(value).__name__}")
         if "var" in value:
             self._only(value, where, {"var"})
+            if value["var"] in RESERVED_VARIABLES:  # readable (fork_index), just not assignable
+                return ast.VarRef(value["var"])
             return ast.VarRef(self._name(value["var"], where))
         if "call" in value:
             return self._call(value, where, depth)

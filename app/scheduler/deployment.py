@@ -24,6 +24,8 @@ from app.errors import APIError, EngineError, unwrap_error
 from app.metrics import SchedulerMetrics
 from app.protocol import FinishReason, GenerateOutput, GenerateRequest, SamplingParams
 from app.scheduler.admission import AdmissionQueue, RequestMeta
+from app.scheduler.control import AdaptiveConcurrency
+from app.scheduler.ray_router import live_replica_ids
 
 logger = logging.getLogger("sglserve.scheduler")
 
@@ -41,7 +43,10 @@ class Scheduler:
             max_queue=cfg.max_queue,
             max_concurrent=cfg.max_concurrent,
             max_queue_wait_s=cfg.max_queue_wait_s,
+            tenant_weights={**self.settings.security.tenant_weights(), **cfg.tenant_weights} or None,
         )
+        self.default_priority = self.settings.security.default_priorities()
+        self.concurrency = InFlightLimits(self.admission, self.settings) if cfg.adaptive_concurrency else None
         self.retries_total = 0
         self.metrics = SchedulerMetrics(self.settings.model.name, self.settings.observability, self.admission)
         # rid -> the replica stream serving it, so /abort_request can cancel it from here.
@@ -49,15 +54,12 @@ class Scheduler:
         self._aborted: set[str] = set()
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
-        meta = RequestMeta(
-            rid=request.rid,
-            tenant=request.tenant,
-            priority=request.priority,
-            deadline=request.deadline,
-            cost_tokens=len(request.input_ids or ()) + request.sampling.max_new_tokens,
-        )
+        meta = RequestMeta.from_request(request, self.default_priority)
         async with self.metrics.admitted(meta):  # = self.admission.admit(meta), timed and counted
+            admitted_at = time.time()
             async for out in self._stream_with_failover(request):
+                if out.finished and self.concurrency is not None:
+                    self.concurrency.observe(out, admitted_at)
                 yield out
 
     async def _stream_with_failover(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
@@ -158,14 +160,19 @@ class Scheduler:
         return sum(1 for r in results if r)
 
     async def _broadcast(self, method: str) -> list[Any]:
-        # TODO(routing): one call per live replica once the request router honours targets.
-        return [await getattr(self.replicas, method).remote()]
+        """Call `method` on every live replica (the request router honours `target_replica`)."""
+        targets = live_replica_ids("ModelReplica")
+        if not targets:
+            return [await getattr(self.replicas, method).remote()]
+        calls = [getattr(self.replicas, method).remote(target_replica=t) for t in sorted(targets)]
+        return list(await asyncio.gather(*calls))
 
     async def server_info(self) -> dict[str, Any]:
-        stats = await self.replicas.stats.remote()
+        states = await self._broadcast("stats")
         args = await self.replicas.server_args.remote()
         return {
-            "internal_states": [stats.model_dump() | {"server_args": args}],
+            "internal_states": [stats.model_dump() for stats in states],
+            "server_args": args,
             "scheduler": self.stats(),
             "version": "sglserve-0.1.0",
         }
@@ -191,7 +198,55 @@ class Scheduler:
         return {"latency_ms": (time.monotonic() - started) * 1000, "tokens": out.completion_tokens}
 
     def stats(self) -> dict[str, Any]:
-        return {"admission": self.admission.stats(), "retries_total": self.retries_total}
+        return {
+            "admission": self.admission.stats(),
+            "retries_total": self.retries_total,
+            "replicas": sorted(live_replica_ids("ModelReplica")),
+            "in_flight_limits": self.concurrency.stats() if self.concurrency is not None else None,
+        }
+
+
+class InFlightLimits:
+    """Adaptive batching: one feedback controller per replica (app.scheduler.control) sets how many
+    requests that replica should have in flight to hold the p95 TTFT/ITL SLOs; the admission queue's
+    concurrency is the sum over replicas seen recently. A replica is known once it has served a
+    request; one silent for `forget_after_s` (gone, or scaled down) no longer counts."""
+
+    forget_after_s = 60.0
+
+    def __init__(self, admission: AdmissionQueue, settings: AppSettings):
+        self.admission = admission
+        self.cfg = settings.scheduler
+        self.controllers: dict[str, AdaptiveConcurrency] = {}
+        self.last_seen: dict[str, float] = {}
+
+    def observe(self, out: GenerateOutput, admitted_at: float) -> None:
+        replica = out.served_by
+        if replica is None or out.first_token_time is None or out.completion_tokens == 0:
+            return
+        now = time.time()
+        ttft_ms = max(0.0, out.first_token_time - admitted_at) * 1000
+        decoded = out.completion_tokens - 1
+        itl_ms = (now - out.first_token_time) * 1000 / decoded if decoded > 0 else None
+        controller = self.controllers.get(replica)
+        if controller is None:
+            controller = self.controllers[replica] = AdaptiveConcurrency(
+                self.cfg.slo_ttft_ms,
+                self.cfg.slo_itl_ms,
+                min_limit=self.cfg.min_in_flight_per_replica,
+                max_limit=max(self.cfg.min_in_flight_per_replica, self.cfg.max_in_flight_per_replica),
+                initial=self.cfg.min_in_flight_per_replica * 2,
+            )
+        per_replica = self.admission.in_flight // max(1, len(self.controllers))  # an estimate
+        controller.observe(ttft_ms, itl_ms, in_flight=per_replica)
+        self.last_seen[replica] = now
+        for gone in [r for r, t in self.last_seen.items() if now - t > self.forget_after_s]:
+            del self.last_seen[gone], self.controllers[gone]
+        total = sum(c.limit for c in self.controllers.values())
+        self.admission.set_max_concurrent(max(1, min(self.cfg.max_concurrent, total)))
+
+    def stats(self) -> dict[str, Any]:
+        return {replica: c.limit for replica, c in self.controllers.items()}
 
 
 SchedulerDeployment = serve.deployment(name="Scheduler", max_ongoing_requests=4096)(Scheduler)

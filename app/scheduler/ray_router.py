@@ -40,6 +40,15 @@ from app.scheduler.routing import ReplicaState, RoutingPolicy, make_policy
 logger = logging.getLogger(__name__)
 
 SINGLE_RANKS = 3  # the policy's top choices offered one by one, before the rest as one rank
+TARGET_REPLICA_KWARG = "target_replica"  # a call with this keyword goes to that replica only
+
+# deployment name -> ids of its live replicas, as the routers in this process last saw them.
+_LIVE_REPLICAS: dict[str, set[str]] = {}
+
+
+def live_replica_ids(deployment_name: str) -> set[str]:
+    """The replicas a router in this process knows to be live (empty before its first call)."""
+    return set(_LIVE_REPLICAS.get(deployment_name, ()))
 
 
 @dataclass
@@ -103,6 +112,9 @@ class PolicyRequestRouter(FIFOMixin, RequestRouter):
             # left False, Ray re-asks at once in a loop that never yields the event loop.
             pending_request.routing_context.should_backoff = True
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        target = pending_request.kwargs.get(TARGET_REPLICA_KWARG) if pending_request is not None else None
+        if target in by_id:  # a call meant for one replica (e.g. a cache flush sent to each)
+            return [[by_id[target]]]
         states = [self._state_of(r) for r in candidate_replicas]
         request = extract_request(pending_request)
         if request is None:
@@ -147,9 +159,14 @@ class PolicyRequestRouter(FIFOMixin, RequestRouter):
     # --- internals ---------------------------------------------------------------------------
 
     def _replicas_changed(self) -> None:
+        live = {replica_id.unique_id for replica_id in self.curr_replicas}
+        # Through the imported module: Ray may rebuild this class from a cloudpickle copy whose
+        # globals are not the module's, and the scheduler reads the module's registry.
+        import app.scheduler.ray_router as registry
+
+        registry._LIVE_REPLICAS[self._deployment_id.name] = live
         if not hasattr(self, "_policy"):  # replicas may arrive before initialize_state
             return
-        live = {replica_id.unique_id for replica_id in self.curr_replicas}
         self._policy.on_replicas_changed(live)
         for table in (self._since_snapshot, self._snapshot_seen):
             for rid in [rid for rid in table if rid not in live]:

@@ -128,12 +128,21 @@ def test_prometheus_sees_our_series_with_counts_matching_the_traffic(stack, prom
 
 
 def test_gauges_show_engine_and_scheduler_limits(stack, prometheus):
-    # serve_args() in tests/conftest.py: max_concurrent 32, max_total_tokens 16384.
-    prometheus.wait_for(
-        lambda: prometheus.value(f"max(ray_sglserve_scheduler_max_in_flight{{{APP}}})") == 32
-        and prometheus.value(f"max(ray_sglserve_max_total_tokens{{{APP}}})") == 16384,
-        what="the in-flight limit and the KV capacity",
-    )
+    """The gauges carry what the scheduler and the engine report about themselves."""
+    kv_capacity = stack.replica_stats().max_total_tokens
+    seen: dict[str, float] = {}
+
+    def limits_match() -> bool:
+        # Adaptive in-flight control may move the limit: compare with the scheduler's current one.
+        seen["limit"] = prometheus.value(f"max(ray_sglserve_scheduler_max_in_flight{{{APP}}})")
+        seen["scheduler"] = stack.handle("Scheduler").stats.remote().result()["admission"]["max_concurrent"]
+        seen["kv"] = prometheus.value(f"max(ray_sglserve_max_total_tokens{{{APP}}})")
+        return seen["limit"] == seen["scheduler"] and seen["kv"] == kv_capacity > 0
+
+    try:
+        prometheus.wait_for(limits_match, what="the in-flight limit and the KV capacity")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; last seen {seen}, KV capacity {kv_capacity}") from None
     usage = prometheus.value(f"max(ray_sglserve_token_usage{{{APP}}})")
     assert 0.0 <= usage <= 1.0
     for gauge in ("num_running_reqs", "num_queue_reqs", "num_used_tokens", "cache_hit_rate",

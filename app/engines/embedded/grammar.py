@@ -66,6 +66,7 @@ STEERING_MARGIN_TOKENS = 12
 WITNESS_MAX_BYTES = 4096
 WITNESS_MAX_NODES = 2000
 CACHE_MAX_ENTRIES = 256
+LOOKAHEAD_MAX_CHOICES = 4  # lookahead at steps with 2..4 allowed bytes (see _find_witness)
 
 # OpenAI's response_format {"type": "json_object"}: any JSON object. Use with kind "ebnf".
 # (A json_schema of {"type": "object"} would not do: xgrammar's strict mode forbids properties
@@ -75,13 +76,16 @@ CACHE_MAX_ENTRIES = 256
 # separators and openers start new ones, so they come last.
 _BYTE_PREFERENCE = (
     b"}])>\"'"
+    + b","  # before digits and `.`/`e`: ends a number (`0,` not `0.0e0,`) once `}` is not allowed
     + b"0123456789"
-    + b":;.!?-_/@#$%&*+=|~^`<"
+    + b":;!?-_/@#$%&*+=|~^`<"
     + b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-    + b" "
-    + b"{[(,\\"
+    + b". "
+    + b"{[(\\"
     + b"\n\t\r"
 )
+# Bytes the novelty scan skips (they are still taken when nothing else continues).
+_NO_NOVELTY_BYTES = frozenset([ord("\\")] + list(range(0x80, 0x100)))
 _XGRAMMAR_LOCATION = re.compile(r"^\[[0-9:]+\] \S+:\d+: ")
 
 
@@ -93,6 +97,10 @@ class CompiledGrammar:
     compile_time_s: float
     # Tokens this grammar never allows on top of the vocabulary's (see _compile_now).
     banned_tokens: torch.Tensor | None = None
+    # The shortest completion of the empty output that the witness search found (None: the
+    # search gave up), and its cost in tokens: the least max_new_tokens steering can guarantee.
+    start_witness: bytes | None = None
+    min_completion_tokens: int | None = None
     # Largest one-token rise of the witness cost seen in the free zone (steering margin input).
     max_witness_jump: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -140,16 +148,25 @@ class _Vocabulary:
         self.byte_ids_by_preference = torch.tensor([self.single_byte_ids[b] for b in order])
         self.bytes_by_preference = order
 
+    def suffix_costs(self, data: bytes) -> list[int]:
+        """costs[i] = fewest tokens spelling data[i:] exactly (costs[len(data)] = 0).
+
+        Dynamic programming over the vocabulary's byte strings; the vocabulary has every single
+        byte, so each suffix has a spelling. An upper bound on the tokens the model needs to emit
+        those bytes, since xgrammar matches tokens by their bytes."""
+        size = len(data)
+        costs = [0] * (size + 1)
+        for start in range(size - 1, -1, -1):
+            best = costs[start + 1] + 1  # a single byte token always exists
+            for length in range(2, min(self.max_token_bytes, size - start) + 1):
+                if data[start : start + length] in self.id_of_bytes:
+                    best = min(best, costs[start + length] + 1)
+            costs[start] = best
+        return costs
+
     def token_cost(self, data: bytes) -> int:
-        """Tokens in a greedy longest-match tokenization of `data` (an upper bound)."""
-        count, pos = 0, 0
-        while pos < len(data):
-            for size in range(min(self.max_token_bytes, len(data) - pos), 0, -1):
-                if data[pos : pos + size] in self.id_of_bytes:
-                    pos += size
-                    count += 1
-                    break
-        return count
+        """Fewest tokens spelling `data` exactly (see suffix_costs)."""
+        return self.suffix_costs(data)[0]
 
     def prefix_tokens(self, data: bytes) -> list[tuple[int, int]]:
         """(token id, byte length) of every token whose bytes are a prefix of `data`."""
@@ -233,7 +250,19 @@ class GrammarCompiler:
     def new_matcher(
         self, compiled: CompiledGrammar, max_new_tokens: int, *, steering: bool = True
     ) -> GrammarMatcher:
-        """A matcher for one sequence; `steering=False` gives the bare grammar mask (benchmarks)."""
+        """A matcher for one sequence; `steering=False` gives the bare grammar mask (benchmarks).
+
+        ValidationError (422) when steering is on and `max_new_tokens` is below the cost of the
+        shortest completion the witness search found (`compiled.min_completion_tokens`): the
+        output could not be guaranteed to finish, so the request is refused at admission."""
+        needed = compiled.min_completion_tokens
+        if steering and needed is not None and max_new_tokens < needed:
+            raise ValidationError(
+                f"max_new_tokens is {max_new_tokens} but the shortest output this {compiled.kind} "
+                f"allows that the server can find takes {needed} tokens; raise max_new_tokens to "
+                f"at least {needed}",
+                param="max_new_tokens",
+            )
         return GrammarMatcher(compiled, self.vocabulary, max_new_tokens, steering=steering)
 
     def _remember(self, key: tuple[str, str], value: CompiledGrammar | ValidationError) -> None:
@@ -258,7 +287,27 @@ class GrammarCompiler:
         # xgrammar's JSON strings admit raw control characters, which JSON forbids (json.loads
         # rejects them); compact JSON needs no control byte anywhere, so ban those tokens.
         banned = self.vocabulary.control_byte_tokens if kind == "json_schema" else None
-        return CompiledGrammar(kind, spec, compiled, time.perf_counter() - start, banned)
+        grammar = CompiledGrammar(kind, spec, compiled, 0.0, banned)
+        # The start witness is searched once per grammar, with lookahead (see _find_witness).
+        start_state = xgr.GrammarMatcher(
+            compiled, override_stop_tokens=self.vocabulary.stop_token_ids or None
+        )
+        spreads: list[int] = []
+        witness = _find_witness(
+            start_state,
+            self.vocabulary,
+            _MaskFunction(self.vocabulary, grammar),
+            lookahead=True,
+            spreads=spreads,
+        )
+        # A token taking the dearest choice at one of those steps raises the witness cost by
+        # about the spread: seed the steering margin with it (decoding keeps learning).
+        grammar.note_witness_jump(max(spreads, default=0) + 1)
+        if witness is not None:
+            grammar.start_witness = witness
+            grammar.min_completion_tokens = self.vocabulary.token_cost(witness)
+        grammar.compile_time_s = time.perf_counter() - start
+        return grammar
 
 
 def _checked_json_schema(spec: str) -> str:
@@ -284,6 +333,21 @@ def _checked_json_schema(spec: str) -> str:
     return spec
 
 
+class _MaskFunction:
+    """matcher -> [vocab_size] bool mask of its allowed tokens, minus what is never allowed."""
+
+    def __init__(self, vocabulary: _Vocabulary, compiled: CompiledGrammar) -> None:
+        self.vocab_size = vocabulary.vocab_size
+        self.never_allowed = vocabulary.never_allowed
+        if compiled.banned_tokens is not None:
+            self.never_allowed = self.never_allowed | compiled.banned_tokens
+        self._bitmask = xgr.allocate_token_bitmask(1, vocabulary.vocab_size)
+
+    def __call__(self, matcher: xgr.GrammarMatcher) -> torch.Tensor:
+        matcher.fill_next_token_bitmask(self._bitmask)
+        return _bitmask_to_bool(self._bitmask, self.vocab_size) & ~self.never_allowed
+
+
 class GrammarMatcher:
     """Grammar state of one sequence, with budget-aware steering (see the module docstring)."""
 
@@ -302,15 +366,19 @@ class GrammarMatcher:
         self._matcher = xgr.GrammarMatcher(
             compiled.compiled, override_stop_tokens=vocabulary.stop_token_ids or None
         )
-        self._bitmask = xgr.allocate_token_bitmask(1, vocabulary.vocab_size)
-        self._never_allowed = vocabulary.never_allowed
-        if compiled.banned_tokens is not None:
-            self._never_allowed = self._never_allowed | compiled.banned_tokens
-        self._witness: bytes | None = None  # None: unknown (search again)
-        self._witness_failed = False
+        self._grammar_mask = _MaskFunction(vocabulary, compiled)
+        # The witness W (None: unknown, search again) and costs[i] = tokens to spell W[i:].
+        self._witness: bytes | None = None
+        self._costs: list[int] = [0]
+        if compiled.start_witness is not None:
+            self._set_witness(compiled.start_witness)
+        self._searched_this_step = False
         self._harmless: set[int] = set()  # tokens checked to keep the witness this step
         self.steered_steps = 0
         self.witness_searches = 0
+        # Steps whose witness cost exceeded the tokens left (the guarantee was lost; see the
+        # module docstring for when that can happen). Counted for the benchmark.
+        self.invariant_breaks = 0
 
     # --- the per-step API ---------------------------------------------------------------------
 
@@ -329,19 +397,19 @@ class GrammarMatcher:
         witness = self._current_witness()
         if witness is None:
             return mask
-        cost = self.vocabulary.token_cost(witness)
-        if self.remaining_tokens - cost >= self.compiled.steering_margin_tokens:
+        if self.remaining_tokens - self._costs[0] >= self.compiled.steering_margin_tokens:
             return mask
         self.steered_steps += 1
-        return mask & self._steering_mask(mask, witness, cost)
+        return mask & self._steering_mask(mask, witness)
 
     def accept_token(self, token_id: int) -> bool:
         if not self._matcher.accept_token(token_id):
             return False
         self.remaining_tokens -= 1
+        self._searched_this_step = False
         if self._matcher.is_terminated():
-            self._witness = b""
-        else:
+            self._set_witness(b"")
+        elif self.steering:
             self._advance_witness(token_id)
         return True
 
@@ -352,22 +420,28 @@ class GrammarMatcher:
         """The output so far is a complete sentence (a stop token would be accepted)."""
         return self._matcher.is_completed()
 
+    @property
+    def witness_cost(self) -> int | None:
+        """Tokens needed to complete the output along the current witness (None: unknown)."""
+        return self._costs[0] if self._witness is not None else None
+
     # --- internals -----------------------------------------------------------------------------
 
-    def _grammar_mask(self, matcher: xgr.GrammarMatcher) -> torch.Tensor:
-        matcher.fill_next_token_bitmask(self._bitmask)
-        allowed = _bitmask_to_bool(self._bitmask, self.vocabulary.vocab_size)
-        return allowed & ~self._never_allowed
+    def _set_witness(self, witness: bytes | None, costs: list[int] | None = None) -> None:
+        self._witness = witness
+        if witness is not None:
+            self._costs = costs if costs is not None else self.vocabulary.suffix_costs(witness)
 
-    def _steering_mask(self, mask: torch.Tensor, witness: bytes, cost: int) -> torch.Tensor:
+    def _steering_mask(self, mask: torch.Tensor, witness: bytes) -> torch.Tensor:
+        """Tokens after which a witness costing at most remaining_tokens - 1 is known."""
         budget_after = self.remaining_tokens - 1
         keep = torch.zeros_like(mask)
         for token_id, size in self.vocabulary.prefix_tokens(witness):
-            if self.vocabulary.token_cost(witness[size:]) <= budget_after:
-                keep[token_id] = True
-        if not witness:  # complete: stopping is progress
-            keep[self.vocabulary.stop_token_ids] = True
-        elif cost <= budget_after:
+            if self._costs[size] <= budget_after:
+                keep[token_id] = True  # progress: the rest of W completes after it
+        if not witness:
+            keep[self.vocabulary.stop_token_ids] = True  # complete: stopping is progress
+        if self._costs[0] <= budget_after:
             candidates = mask & ~keep
             candidates[self.vocabulary.stop_token_ids] = False  # stopping now is not "harmless"
             for token_id in torch.nonzero(candidates).flatten().tolist():
@@ -375,10 +449,12 @@ class GrammarMatcher:
                     keep[token_id] = True
                     self._harmless.add(token_id)
         if not (keep & mask).any():
-            # The budget is already below the witness cost (too small from the start, or a free
-            # token jumped past the margin): no guarantee left; take the shortest path we know.
+            # The budget is already below the witness cost (the guarantee was lost, see
+            # invariant_breaks): no guarantee left; take the shortest path we know.
             for token_id, _ in self.vocabulary.prefix_tokens(witness):
                 keep[token_id] = True
+            if not witness:
+                keep[self.vocabulary.stop_token_ids] = True
         return keep
 
     def _keeps_witness(self, token_id: int, witness: bytes) -> bool:
@@ -386,49 +462,71 @@ class GrammarMatcher:
         matcher = self._matcher
         if not matcher.accept_token(token_id):
             return False
+        if not witness:
+            completes = matcher.is_completed()
+            matcher.rollback(1)
+            return completes
         accepted = matcher.accept_string(witness)
         completes = accepted and matcher.is_completed()
         matcher.rollback(2 if accepted else 1)  # a rejected string leaves no step behind
         return completes
 
     def _current_witness(self) -> bytes | None:
-        if self._witness is None and not self._witness_failed:
+        # A failed search is retried after the next token (its state differs), not this step.
+        if self._witness is None and not self._searched_this_step:
+            self._searched_this_step = True
             self.witness_searches += 1
-            self._witness = _find_witness(self._matcher, self.vocabulary, self._grammar_mask)
-            self._witness_failed = self._witness is None
+            self._set_witness(
+                _find_witness(self._matcher, self.vocabulary, self._grammar_mask, lookahead=True)
+            )
         return self._witness
 
     def _advance_witness(self, token_id: int) -> None:
         witness = self._witness
-        if witness is None or not self.steering:
+        if witness is None:
+            self._current_witness()
             return
         data = self.vocabulary.token_bytes.get(token_id, b"")
         if data and witness.startswith(data):
-            self._witness = witness[len(data) :]
+            self._set_witness(witness[len(data) :], self._costs[len(data) :])
             return
         if token_id in self._harmless:
             return
-        keeps = False
         probe = self._matcher.fork()
-        if witness and probe.accept_string(witness):
-            keeps = probe.is_completed()
-        if keeps:
+        if probe.is_completed() if not witness else (
+            probe.accept_string(witness) and probe.is_completed()
+        ):
             return
-        old_cost = self.vocabulary.token_cost(witness)
-        self._witness = None
-        new = self._current_witness()
-        if new is not None:
-            self.compiled.note_witness_jump(self.vocabulary.token_cost(new) - old_cost + 1)
+        old_cost = self._costs[0]
+        self._set_witness(None)
+        if self._current_witness() is None:
+            return
+        new_cost = self._costs[0]
+        # How much the slack (remaining_tokens - witness cost) fell beyond the one token spent.
+        self.compiled.note_witness_jump(new_cost - old_cost + 1)
+        if new_cost > self.remaining_tokens:
+            self.invariant_breaks += 1
 
 
-def _find_witness(matcher: xgr.GrammarMatcher, vocabulary: _Vocabulary, grammar_mask) -> bytes | None:
-    """A byte string completing `matcher`'s sentence, by a greedy walk (see the module docstring).
+def _find_witness(
+    matcher: xgr.GrammarMatcher,
+    vocabulary: _Vocabulary,
+    grammar_mask: _MaskFunction,
+    *,
+    lookahead: bool = False,
+    spreads: list[int] | None = None,
+) -> bytes | None:
+    """A byte string completing `matcher`'s sentence (see the module docstring), or None.
 
-    Every state a matcher accepts can still be completed, so a greedy walk never dead-ends; the
-    danger is looping (free string content, `(ab)+c`). So a step prefers the first allowed byte,
-    in preference order, that leads to a state signature not seen yet; only when every allowed
-    byte leads back to a seen signature (counted repetitions such as `\\d{3}`) does it take the
-    first one anyway. Bounded by WITNESS_MAX_BYTES and WITNESS_MAX_NODES evaluations.
+    Greedy: a step prefers the first allowed byte, in preference order, that leads to a state
+    signature not seen yet; only when every allowed byte leads back to a seen signature (counted
+    repetitions such as `\\d{3}`) does it take the first one anyway. With `lookahead`, a step
+    with a few distinct choices (property names, enum values, alternatives) completes each of
+    them greedily and keeps the one whose completion costs the fewest tokens: never worse than
+    the greedy walk, and it skips optional properties that sort first.
+    Bounded by WITNESS_MAX_BYTES and WITNESS_MAX_NODES evaluations (per greedy walk).
+    `spreads` (with lookahead) collects, per such step, how much dearer the dearest choice's
+    completion is than the cheapest: the witness jump a token taking that choice would cause.
     """
     probe = matcher.fork()
     pieces: list[bytes] = []
@@ -436,40 +534,101 @@ def _find_witness(matcher: xgr.GrammarMatcher, vocabulary: _Vocabulary, grammar_
     evaluations = 0
 
     def signature(state: xgr.GrammarMatcher) -> tuple[bytes, str, bool]:
-        mask = grammar_mask(state)
-        return mask.numpy().tobytes(), state.find_jump_forward_string(), state.is_completed()
+        # Single bytes only: multi-byte tokens make every step of a counted repetition look new
+        # (`[a-z]{1,8}` allows ever shorter tokens), which would walk the repetition to its end.
+        return (
+            grammar_mask(state)[vocabulary.byte_ids_by_preference].numpy().tobytes(),
+            state.find_jump_forward_string(),
+            state.is_completed(),
+        )
 
-    seen = {signature(probe)}
+    visits = {signature(probe): 1}  # state signature -> times the walk entered it
+    best_completion: bytes | None = None  # the cheapest full completion a lookahead saw
     while not probe.is_completed():
         if length >= WITNESS_MAX_BYTES or evaluations >= WITNESS_MAX_NODES:
-            return None
+            return best_completion
         forced = probe.find_jump_forward_string().encode()
         if forced:
             accepted = probe.accept_string(forced)
             assert accepted, "xgrammar rejected its own jump-forward string"
             pieces.append(forced)
             length += len(forced)
-            seen.add(signature(probe))
+            child = signature(probe)
+            visits[child] = visits.get(child, 0) + 1
             continue
         allowed = grammar_mask(probe)[vocabulary.byte_ids_by_preference].tolist()
         candidates = [bytes([b]) for b, ok in zip(vocabulary.bytes_by_preference, allowed) if ok]
         if not candidates:
             return None  # only multi-byte or stop tokens continue from here: give up
+        if lookahead and 1 < len(candidates) <= LOOKAHEAD_MAX_CHOICES:
+            choice = _best_choice(probe, candidates, b"".join(pieces), vocabulary, grammar_mask)
+            if choice is not None:
+                piece, completion, spread = choice
+                if spreads is not None:
+                    spreads.append(spread)
+                if best_completion is None or _cheaper(completion, best_completion, vocabulary):
+                    best_completion = completion
+                accepted = probe.accept_string(piece)
+                assert accepted, "a byte the mask allows was rejected"
+                child = signature(probe)
+                visits[child] = visits.get(child, 0) + 1
+                pieces.append(piece)
+                length += len(piece)
+                continue
         chosen = None
+        least_visited: tuple[int, bytes] | None = None
         for piece in candidates:
+            if piece[0] in _NO_NOVELTY_BYTES:
+                continue  # escapes and multi-byte characters never shorten a completion
             evaluations += 1
             if not probe.accept_string(piece):
                 continue
             child = signature(probe)
-            if child not in seen:
-                seen.add(child)
+            probe.rollback(1)
+            if child not in visits:
                 chosen = piece
                 break
-            probe.rollback(1)
+            if least_visited is None or visits[child] < least_visited[0]:
+                least_visited = (visits[child], piece)
         if chosen is None:
-            chosen = candidates[0]
-            if not probe.accept_string(chosen):
-                return None
+            # Every choice leads back to a known signature: a counted repetition (`\d{3}`,
+            # minLength) or a loop (`[a-z]+ [A-Z]`): the least visited one leaves loops.
+            chosen = least_visited[1] if least_visited is not None else candidates[0]
+        if not probe.accept_string(chosen):
+            return best_completion
+        child = signature(probe)
+        visits[child] = visits.get(child, 0) + 1
         pieces.append(chosen)
         length += len(chosen)
-    return b"".join(pieces)
+    found = b"".join(pieces)
+    if best_completion is not None and _cheaper(best_completion, found, vocabulary):
+        return best_completion
+    return found
+
+
+def _cheaper(a: bytes, b: bytes, vocabulary: _Vocabulary) -> bool:
+    return vocabulary.token_cost(a) < vocabulary.token_cost(b)
+
+
+def _best_choice(
+    probe: xgr.GrammarMatcher,
+    candidates: list[bytes],
+    prefix: bytes,
+    vocabulary: _Vocabulary,
+    grammar_mask: _MaskFunction,
+) -> tuple[bytes, bytes, int] | None:
+    """Lookahead: the candidate byte whose greedy completion is cheapest, prefix + it + that
+    completion, and the spread (dearest minus cheapest completion cost, in tokens)."""
+    costs: list[tuple[int, bytes, bytes]] = []
+    for piece in candidates:
+        branch = probe.fork()
+        if not branch.accept_string(piece):
+            continue
+        rest = _find_witness(branch, vocabulary, grammar_mask)
+        if rest is not None:
+            completion = prefix + piece + rest
+            costs.append((vocabulary.token_cost(completion), piece, completion))
+    if not costs:
+        return None
+    cheapest = min(costs, key=lambda item: item[0])  # min keeps the first (preferred) of ties
+    return cheapest[1], cheapest[2], max(c for c, _, _ in costs) - cheapest[0]
