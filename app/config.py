@@ -112,3 +112,43 @@ class AppSettings(_Section):
     @classmethod
     def from_args(cls, args: dict[str, Any] | None) -> "AppSettings":
         return cls.model_validate(args or {})
+
+
+def settings_reference() -> str:
+    """Markdown tables of every setting (section, name, default), for the README."""
+    lines: list[str] = []
+    for section, field in AppSettings.model_fields.items():
+        model = field.annotation
+        lines += [f"#### `{section}`", "", "| setting | default |", "|---|---|"]
+        for name, sub in model.model_fields.items():  # type: ignore[union-attr]
+            if sub.default_factory is not None:
+                default = sub.default_factory()
+                if isinstance(default, BaseModel):
+                    default = "{...}"
+            else:
+                default = sub.default
+            if section == "model" and name == "cache_dir":
+                default = "$SGLSERVE_CACHE_DIR or ~/.cache/sglserve"
+            lines.append(f"| `{section}.{name}` | `{default!r}` |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+README_BEGIN, README_END = "<!-- settings:begin -->", "<!-- settings:end -->"
+
+
+def readme_with_settings(readme: str) -> str:
+    """README text with the settings reference between its markers replaced by the current one."""
+    head, _, rest = readme.partition(README_BEGIN)
+    _, _, tail = rest.partition(README_END)
+    return f"{head}{README_BEGIN}\n{settings_reference()}{README_END}{tail}"
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["--update-readme"]:  # keeps README.md's settings table true
+        path = Path(__file__).resolve().parent.parent / "README.md"
+        path.write_text(readme_with_settings(path.read_text()))
+    else:
+        print(settings_reference())

@@ -265,6 +265,7 @@ class PeriodicSampler:
         self._sample = sample
         self._interval_s = interval_s
         self._stopped = threading.Event()
+        self._task: asyncio.Task[None] | None = None
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -274,6 +275,8 @@ class PeriodicSampler:
 
     def stop(self) -> None:
         self._stopped.set()
+        if self._task is not None:
+            self._task.cancel()
 
     def _sample_safely(self) -> None:
         try:

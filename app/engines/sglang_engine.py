@@ -557,6 +557,7 @@ class SGLangEngine(Engine):
             input_top_logprobs=None,
             engine_arrival_time=cursor.arrival_time,
             first_token_time=cursor.first_token_time,
+            served_by=None,
         )
         if request.return_logprob:
             self._attach_logprobs(out, meta, cursor, request, want_logprob_text)

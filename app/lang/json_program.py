@@ -147,7 +147,7 @@ class JsonProgramParser:
             raise self.error(where, f"unsupported value of type {type(value).__name__}")
         if "var" in value:
             self._only(value, where, {"var"})
-            if value["var"] in RESERVED_VARIABLES:  # readable (fork_index), just not assignable
+            if isinstance(value["var"], str) and value["var"] in RESERVED_VARIABLES:  # readable, not assignable
                 return ast.VarRef(value["var"])
             return ast.VarRef(self._name(value["var"], where))
         if "call" in value:

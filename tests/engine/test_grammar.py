@@ -78,6 +78,12 @@ def constrained_generate(tiny, compiler, eos_ids, kind, spec, *, max_new_tokens,
             allowed = matcher.allowed_token_mask().unsqueeze(0)
             token = sample_next_tokens(logits, [sampler], allowed, [0]).token_ids[0]
             assert matcher.accept_token(token), f"sampled token {token} rejected by the grammar"
+            # The steering invariant: a known completion always fits in the tokens left.
+            cost = matcher.witness_cost
+            assert cost is not None and cost <= matcher.remaining_tokens, (
+                f"witness cost {cost} > {matcher.remaining_tokens} tokens left after "
+                f"{tokenizer.decode(output + [token])!r}"
+            )
             sampler.observe(token)
             output.append(token)
             if matcher.is_terminated():
@@ -243,7 +249,7 @@ def test_every_steered_token_keeps_a_completion_within_budget(tiny, compiler):
 # --- the property: always parses with the random tiny model ---------------------------------
 
 
-def random_schema(rng: random.Random, depth: int = 0) -> dict:
+def random_schema(rng: random.Random, depth: int = 0, max_depth: int = 1) -> dict:
     leaf_types = [
         {"type": "string"},
         {"type": "integer"},
@@ -253,11 +259,12 @@ def random_schema(rng: random.Random, depth: int = 0) -> dict:
         {"type": "string", "enum": ["yes", "no"]},
         {"type": "array", "items": {"type": "integer"}},
         {"type": "array", "items": {"type": "string"}, "maxItems": 3},
+        {"type": "string", "minLength": 3},
     ]
     properties = {}
-    for i in range(rng.randint(1, 3)):
-        if depth == 0 and rng.random() < 0.3:
-            properties[f"obj{i}"] = random_schema(rng, depth + 1)
+    for i in range(rng.randint(1, 3 + (max_depth > 1))):
+        if depth < max_depth and rng.random() < 0.3:
+            properties[f"obj{i}"] = random_schema(rng, depth + 1, max_depth)
         else:
             properties[f"f{i}"] = rng.choice(leaf_types)
     required = [k for k in properties if rng.random() < 0.7]
@@ -316,3 +323,86 @@ def test_json_strings_never_get_raw_control_characters(tiny, compiler):
     assert not any(
         any(ch < " " for ch in tokenizer.decode([t])) for t in allowed
     ), "a control character inside a JSON string would not parse"
+
+
+# --- budgets: refused when too small, always complete when enough -------------------------
+
+
+def test_budget_below_the_shortest_completion_is_refused_with_422(compiler):
+    compiled = compile_(compiler, "json_schema", PERSON_SCHEMA)
+    needed = compiled.min_completion_tokens
+    assert needed is not None and needed > 1
+    with pytest.raises(ValidationError) as info:
+        compiler.new_matcher(compiled, needed - 1)
+    assert info.value.status_code == 422 and info.value.param == "max_new_tokens"
+    assert f"at least {needed}" in info.value.message
+    assert compiler.new_matcher(compiled, needed).remaining_tokens == needed
+    compiler.new_matcher(compiled, 1, steering=False)  # bare masks promise nothing: admitted
+
+
+def test_shortest_completion_skips_optional_properties_and_ends_numbers_early(compiler):
+    schema = {
+        "type": "object",
+        "properties": {
+            "a_optional": {
+                "type": "object",
+                "properties": {"x": {"type": "string"}, "y": {"type": "number"}},
+                "required": ["x", "y"],
+            },
+            "z": {"type": "number"},
+            "w": {"enum": ["an extremely long and wordy enumerated value", "short"]},
+        },
+        "required": ["z", "w"],
+    }
+    compiled = compile_(compiler, "json_schema", json.dumps(schema))
+    assert compiled.start_witness == b'{"z": 0, "w": "short"}'
+    assert compiled.min_completion_tokens == compiler.vocabulary.token_cost(compiled.start_witness)
+
+
+@pytest.mark.parametrize(
+    "pattern, shortest",
+    [(r"[a-z]{1,8}@[a-z]{1,8}\.(com|org)", b"a@a.com"), (r"[A-Z][a-z]+ [A-Z][a-z]+", b"Aa Aa")],
+)
+def test_shortest_completion_leaves_repetitions_early(compiler, pattern, shortest):
+    compiled = compile_(compiler, "regex", pattern)
+    assert len(compiled.start_witness) <= len(shortest) + 1, compiled.start_witness
+
+
+def test_witness_cost_is_the_fewest_tokens_spelling_it(tiny, compiler):
+    tokenizer, _ = tiny
+    vocabulary = compiler.vocabulary
+    for text in ['{"name": "abc", "age": 10}', '", "tags": []}', "hello world"]:
+        data = text.encode()
+        cost = vocabulary.token_cost(data)
+        assert cost <= len(tokenizer.encode(text, add_special_tokens=False))
+        assert cost >= -(-len(data) // vocabulary.max_token_bytes)
+        # It is a spelling: some token is a prefix whose remainder costs one less.
+        assert any(
+            vocabulary.token_cost(data[size:]) == cost - 1
+            for _, size in vocabulary.prefix_tokens(data)
+        )
+
+
+@pytest.mark.parametrize("slack", [0, 10])
+@pytest.mark.parametrize("mode", list(SAMPLING))
+@pytest.mark.parametrize("seed", range(5))
+def test_deeper_random_schemas_validate_at_the_tightest_budgets(
+    tiny, compiler, eos_ids, seed, mode, slack
+):
+    schema = random_schema(random.Random(1000 + seed), max_depth=2)
+    compiled = compile_(compiler, "json_schema", json.dumps(schema))
+    text = constrained_generate(
+        tiny, compiler, eos_ids, "json_schema", json.dumps(schema),
+        max_new_tokens=compiled.min_completion_tokens + slack, params=SAMPLING[mode],
+    )
+    jsonschema.validate(json.loads(text), schema)
+
+
+@pytest.mark.parametrize("pattern", REGEXES)
+def test_regexes_match_at_the_tightest_budget(tiny, compiler, eos_ids, pattern):
+    compiled = compile_(compiler, "regex", pattern)
+    text = constrained_generate(
+        tiny, compiler, eos_ids, "regex", pattern,
+        max_new_tokens=compiled.min_completion_tokens, params=SAMPLING["sampled"],
+    )
+    assert re.fullmatch(pattern, text), f"{text!r} does not match {pattern!r}"

@@ -133,6 +133,7 @@ async def test_scheduler_metrics_time_the_queue_and_count_refusals_by_reason():
     assert [tags["reason"] for _, tags in created["admission_rejections"].values] == ["overloaded"]
 
     metrics.sample()
+    metrics.stop()
     assert created["scheduler_max_in_flight"].values[-1][0] == 1
     assert created["scheduler_in_flight_requests"].values[-1][0] == 0
 
@@ -144,6 +145,7 @@ async def test_an_error_inside_an_admitted_request_is_not_a_refusal():
     with pytest.raises(OverloadedError):
         async with metrics.admitted(RequestMeta(rid="x")):
             raise OverloadedError("from a replica")
+    metrics.stop()
     assert created["admission_rejections"].values == []
     assert queue.in_flight == 0
 

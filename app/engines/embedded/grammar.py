@@ -15,33 +15,49 @@ json_schema, tokens with raw control bytes (xgrammar's JSON strings admit them; 
 A grammar mask alone lets a (random) model wander: inside a JSON string it may never emit the
 closing quote, and the output is cut off unparsable when the budget runs out. Each matcher keeps a
 *witness*: a byte string W such that the tokens so far followed by W form a complete sentence of
-the grammar. Its cost c(W) is the number of tokens of a greedy longest-match tokenization of W
-(an upper bound on the tokens needed, since xgrammar matches tokens by bytes). With r tokens of
-budget left, the invariant is c(W) <= r. Each step:
+the grammar. Its cost c(W) is the fewest tokens spelling W exactly (dynamic programming over the
+vocabulary's byte strings): an upper bound on the tokens needed, since xgrammar matches tokens by
+bytes. With r tokens of budget left, the invariant is **c(W) <= r**.
 
-- free zone (r - c(W) >= margin): the plain grammar mask;
-- steering zone (slack below the margin): only tokens t for which we hold a witness for the state
-  after t costing at most r - 1: "progress" tokens (t's bytes are a prefix of W, the witness for
-  after t is the rest of W) and "harmless" tokens (t followed by W still completes: checked on the
-  matcher with accept + rollback), plus the stop tokens once the sentence is complete.
+Admission establishes it. Each compiled grammar carries the witness of the empty output, W0,
+found once at compile time; `new_matcher` refuses (422, naming c(W0)) a budget below c(W0). c(W0)
+is the cost of the shortest completion the search finds, not a proven minimum: a budget between
+the true minimum and c(W0) is refused too; the search below makes that gap small in practice.
 
-The steering zone is sound: the set is never empty while c(W) <= r (W's first greedy token is in
-it) and each allowed token keeps the invariant, so a complete sentence is reached within budget.
-The free zone is unguarded only against a single token that raises c(W) by more than the margin
-(e.g. a token opening a nested object with many required fields); the margin is therefore
-`max(STEERING_MARGIN_TOKENS, 2 * largest jump seen for this grammar + 2)`, learned per compiled
-grammar. If the budget is below the witness cost from the start, steering still takes the
-shortest path it knows but cannot guarantee completion.
+Each step keeps it:
+- steering zone (slack r - c(W) below the margin): only tokens t for which we hold a witness for
+  the state after t costing at most r - 1: "progress" tokens (t's bytes are a prefix of W and the
+  rest of W costs at most r - 1) and "harmless" tokens (t followed by W still completes, checked
+  on the matcher with accept + rollback, while c(W) <= r - 1), plus the stop tokens once the
+  sentence is complete. The set is never empty while c(W) <= r (the first token of W's cheapest
+  spelling is a progress token) and every member keeps the invariant: by induction the output is
+  a complete sentence when the budget runs out.
+- free zone (slack >= margin): the plain grammar mask. A token t keeps the invariant unless it
+  raises the witness cost by more than the slack (a "jump": t commits to a dearer branch, e.g.
+  an optional property whose value is a big object). The margin is `max(STEERING_MARGIN_TOKENS,
+  2 * J + 2)` where J, per compiled grammar, is the largest jump known: seeded at compile time
+  with the "spreads" of the start-witness search (at each choice point on W0's path, how much
+  dearer the dearest choice's completion is than the cheapest: the jump a token taking it would
+  cause) and raised by every jump observed while decoding. This zone is guarded by that bound,
+  not checked token by token: checking every allowed token costs ~30 us each through xgrammar's
+  Python API (~40 ms per step inside a JSON string), ~100x the plain mask. A jump past the margin
+  (none in bench/results/grammar.md) is counted in `invariant_breaks`; the steering zone then
+  takes the shortest path it knows, without a guarantee.
 
-The witness is found by a greedy depth-first search over single bytes on a fork of the matcher:
+The witness search (`_find_witness`) is a greedy walk over single bytes on a fork of the matcher:
 take xgrammar's jump-forward string when there is one, else try the allowed bytes in a fixed
-preference order (closers such as `"` `}` `]` first, then other punctuation, digits, letters,
-then openers and separators), preferring bytes that lead to a state signature (allowed-token
-mask + jump-forward string + completeness) not seen yet, so `(ab)+c`-like loops and free string
-content do not trap it.
-Witnesses are checked by construction (the matcher accepted every byte and is complete), so a
-poor search costs slack, never correctness. After a token the witness is carried over without a
-new search when the token was a progress or harmless one; otherwise it is searched again.
+preference order (closers `"` `}` `]` first, then `,`, digits, punctuation, letters, openers),
+taking the first that leads to a state signature (allowed single bytes + jump-forward string +
+completeness) not visited yet; when all lead back to visited ones (counted repetitions such as
+`\\d{3}` or minLength, loops such as `[a-z]+ [A-Z]`) the least visited one. Escapes and non-ASCII
+bytes are never preferred. With lookahead (used for every search), a step with 2 to 4 allowed
+bytes (property names, enum values, alternatives) completes each choice greedily and keeps the
+cheapest, which skips optional properties and long enum values. Witnesses are checked by
+construction (the matcher accepted every byte and is complete), so a poor search costs slack or
+a refused budget, never validity. After a token the witness is carried over without a search
+when the token was a progress or harmless one; otherwise it is searched again (a failed search,
+bounded by WITNESS_MAX_BYTES / WITNESS_MAX_NODES, leaves that step unsteered and is retried after
+the next token).
 """
 
 from __future__ import annotations
@@ -519,8 +535,8 @@ def _find_witness(
     """A byte string completing `matcher`'s sentence (see the module docstring), or None.
 
     Greedy: a step prefers the first allowed byte, in preference order, that leads to a state
-    signature not seen yet; only when every allowed byte leads back to a seen signature (counted
-    repetitions such as `\\d{3}`) does it take the first one anyway. With `lookahead`, a step
+    signature not visited yet; when every allowed byte leads back to a visited signature (counted
+    repetitions such as `\\d{3}`, loops) it takes the least visited one. With `lookahead`, a step
     with a few distinct choices (property names, enum values, alternatives) completes each of
     them greedily and keeps the one whose completion costs the fewest tokens: never worse than
     the greedy walk, and it skips optional properties that sort first.
