@@ -269,9 +269,12 @@ def main() -> None:
         f"({args.schemas} random schemas + {len(TOOL_SCHEMAS)} tool-like schemas).",
         "",
         "Shortest completion found per JSON schema (tokens, = the least max_new_tokens admitted): "
-        f"min {min(json_costs)}, median {sorted(json_costs)[len(json_costs) // 2]}, "
-        f"max {max(json_costs)}; over 64: {sum(c > 64 for c in json_costs)}, "
-        f"over 32: {sum(c > 32 for c in json_costs)}.",
+        + (
+            f"min {min(json_costs)}, median {sorted(json_costs)[len(json_costs) // 2]}, "
+            f"max {max(json_costs)}; over 64: {sum(c > 64 for c in json_costs)}, "
+            f"over 32: {sum(c > 32 for c in json_costs)}."
+            if json_costs else "not computed by this version."
+        ),
         "",
         "## Outputs that parse / validate",
         "",
