@@ -15,6 +15,7 @@ from ray.serve.config import RequestRouterConfig
 
 from app.config import AppSettings
 from app.ingress.server import IngressDeployment
+from app.placement import merge_replica_options, replica_placement
 from app.replica import ModelReplicaDeployment
 from app.scheduler.deployment import SchedulerDeployment
 
@@ -37,7 +38,9 @@ def build(settings: AppSettings, options: dict[str, dict[str, Any]] | None = Non
     if unknown:
         raise ValueError(f"unknown deployments {sorted(unknown)}; known: {DEPLOYMENT_NAMES}")
     raw = settings.model_dump(mode="json")
-    replica_options = {"request_router_config": routing_config(settings), **options.get("ModelReplica", {})}
+    # GPU placement defaults from the engine settings; explicit options win (app/placement.py).
+    placed = merge_replica_options(replica_placement(settings), options.get("ModelReplica", {}))
+    replica_options = {"request_router_config": routing_config(settings), **placed}
     replica = ModelReplicaDeployment.options(**replica_options).bind(raw)
     scheduler = SchedulerDeployment.options(**options.get("Scheduler", {})).bind(replica, raw)
     return IngressDeployment.options(**options.get("Ingress", {})).bind(scheduler, raw)

@@ -20,6 +20,7 @@ from ray import serve
 from app.config import AppSettings
 from app.engines.base import Engine
 from app.metrics import ReplicaMetrics
+from app.placement import device_report, prepare_replica_devices
 from app.protocol import EngineStats, GenerateOutput, GenerateRequest, ModelInfo
 from app.streaming import coalesce
 
@@ -36,6 +37,7 @@ class ModelReplica:
         except Exception:  # noqa: BLE001 - constructed outside Serve (tests)
             self.replica_id = "local"
         started = time.monotonic()
+        await prepare_replica_devices(self.settings)  # env flags + a placement group's GPUs
         self.engine: Engine = make_engine(self.settings)
         await self.engine.start()
         from app.lang import ProgramRunner
@@ -85,6 +87,11 @@ class ModelReplica:
 
     def model_info(self) -> ModelInfo:
         return self.engine.model_info()
+
+    def device_report(self, target_replica: str | None = None) -> dict[str, Any]:
+        """The GPUs Ray gave this replica, CUDA_VISIBLE_DEVICES, tp_size and the multi-GPU flags
+        (`target_replica` only steers the request router, as for `stats`)."""
+        return device_report(self.settings)
 
     def server_args(self) -> dict[str, Any]:
         return self.engine.server_args()

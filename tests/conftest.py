@@ -78,6 +78,7 @@ def ray_cluster() -> Iterator[RayCluster]:
     ray.init(
         address="local",
         num_cpus=4,  # logical CPUs for placement; deployments ask for fractions
+        num_gpus=4,  # LOGICAL GPUs (none exist here): placement tests (tests/serve/test_placement.py)
         include_dashboard=False,
         log_to_driver=False,
         configure_logging=False,
