@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import platform
 import random
 import time
 from pathlib import Path
@@ -24,21 +22,9 @@ from app.engines.base import generate_all
 from app.engines.embedded import EmbeddedEngine
 from app.engines.tiny_model import ensure_tiny_model
 from app.protocol import GenerateRequest, SamplingParams
+from bench.common import machine
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = os.getloadavg()
-    return (f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, "
-            f"Python {platform.python_version()}, torch {torch.__version__}, "
-            f"load average at start {load[0]:.1f}")
 
 
 def make_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:

@@ -33,6 +33,7 @@ from bench.common import (
 )
 
 CACHE_DIR = ".cache/models"
+WARMUP = (4, 8)  # (concurrency, requests) run first on each side and not reported
 ENGINE = {"kind": "embedded", "max_total_tokens": 32768, "torch_threads": 1, "max_running_requests": 64}
 
 
@@ -48,49 +49,48 @@ async def run_engine_side(levels, prompts, max_tokens) -> dict[int, dict]:
 
     engine = EmbeddedEngine(ModelSettings(cache_dir=CACHE_DIR), EngineSettings(**ENGINE))
     await engine.start()
-    # Different prompts per level so the prefix cache does not favour later levels.
-    results = {}
+
+    async def one(ids: list[int]) -> tuple[float, int]:
+        started = time.perf_counter()
+        ttft, tokens = None, 0
+        request = GenerateRequest(input_ids=ids, stream=True, sampling=SamplingParams(
+            max_new_tokens=max_tokens, temperature=0, ignore_eos=True))
+        async for out in engine.generate(request):
+            if ttft is None and out.token_ids:
+                ttft = time.perf_counter() - started
+            tokens = out.completion_tokens
+        return ttft, tokens
+
     try:
-        for level, count in tqdm([WARMUP, *levels], desc="engine in process"):
-            batch = prompts[level]
-
-            async def one(i: int):
-                started = time.perf_counter()
-                ttft, tokens = None, 0
-                request = GenerateRequest(input_ids=batch[i % len(batch)], stream=True,
-                                          sampling=SamplingParams(max_new_tokens=max_tokens, temperature=0,
-                                                                  ignore_eos=True))
-                async for out in engine.generate(request):
-                    if ttft is None and out.token_ids:
-                        ttft = time.perf_counter() - started
-                    tokens = out.completion_tokens
-                return ttft, tokens
-
-            outs, wall = await closed_loop(one, level, count)
-            results[level] = summarize(outs, wall)
+        return await run_levels(one, levels, prompts, "engine in process")
     finally:
         await engine.shutdown()
-    results.pop(WARMUP[0] * -1, None)
-    return results
 
 
 async def run_stack_side(base, levels, prompts, max_tokens) -> dict[int, dict]:
     import httpx
 
-    results = {}
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
     async with httpx.AsyncClient(timeout=300, limits=limits) as client:
-        for level, count in tqdm(levels, desc="through the stack"):
-            batch = prompts[level]
 
-            async def one(i: int):
-                t = await stream_completion(client, base, {"model": MODEL, "prompt": batch[i % len(batch)],
-                                                           "max_tokens": max_tokens, "temperature": 0,
-                                                           "ignore_eos": True})
-                return t.ttft_s, t.tokens
+        async def one(ids: list[int]) -> tuple[float, int]:
+            t = await stream_completion(client, base, {"model": MODEL, "prompt": ids, "max_tokens": max_tokens,
+                                                       "temperature": 0, "ignore_eos": True})
+            return t.ttft_s, t.tokens
 
-            outs, wall = await closed_loop(one, level, count)
-            results[level] = summarize(outs, wall)
+        return await run_levels(one, levels, prompts, "through the stack")
+
+
+async def run_levels(one, levels, prompts, label: str) -> dict[int, dict]:
+    """A warm-up round (not reported), then each (concurrency, requests) level. Each level has its
+    own prompts, so the prefix cache does not favour later levels."""
+    results = {}
+    warm = make_prompts(WARMUP[1], len(next(iter(prompts.values()))[0]), seed=999)
+    await closed_loop(lambda i: one(warm[i]), WARMUP[0], WARMUP[1])
+    for level, count in tqdm(levels, desc=label):
+        batch = prompts[level]
+        outs, wall = await closed_loop(lambda i, batch=batch: one(batch[i % len(batch)]), level, count)
+        results[level] = summarize(outs, wall)
     return results
 
 
@@ -142,8 +142,6 @@ def main() -> None:
         args_app = {"model": {"cache_dir": CACHE_DIR}, "engine": ENGINE,
                     "scheduler": {"max_concurrent": 256, "max_queue": 1024}}
         base = deploy_app(port, "overhead", args_app)
-        asyncio.run(run_stack_side(base, levels, {k: make_prompts(c, args.prompt_len, seed=100 + k)
-                                                   for k, c in levels}, args.max_tokens))  # warm-up
         stack = asyncio.run(run_stack_side(base, levels, prompts, args.max_tokens))
     finally:
         stop_ray_serve()

@@ -48,6 +48,15 @@ class HFTokenizer(Tokenizer):
         self._eos_token_ids = _eos_token_ids(self.hf, path)
 
     @classmethod
+    def wrap(cls, hf: Any, eos_token_ids: list[int], path: str | None = None) -> HFTokenizer:
+        """Our contract over a tokenizer someone else already loaded (e.g. sglang.Engine's)."""
+        tokenizer = cls.__new__(cls)
+        tokenizer.path = path or getattr(hf, "name_or_path", "")
+        tokenizer.hf = hf
+        tokenizer._eos_token_ids = list(eos_token_ids)
+        return tokenizer
+
+    @classmethod
     def from_settings(cls, settings: ModelSettings) -> HFTokenizer:
         """The tokenizer the settings name (building the tiny model first if it is the one)."""
         from app.engines.tiny_model import resolve_tokenizer_path

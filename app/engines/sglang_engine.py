@@ -38,6 +38,7 @@ from typing import Any
 
 from app.config import AppSettings, EngineSettings, ModelSettings
 from app.engines.base import Engine, Tokenizer
+from app.engines.hf_tokenizer import HFTokenizer
 from app.engines.sglang_process import (
     ChildWatchdog,
     child_pids,
@@ -138,38 +139,6 @@ def resolve_paths(model: ModelSettings) -> tuple[str, str]:
     from app.engines import tiny_model
 
     return tiny_model.resolve_model_path(model), tiny_model.resolve_tokenizer_path(model)
-
-
-# --------------------------------------------------------------------------------------------
-# Tokenizer
-# --------------------------------------------------------------------------------------------
-class HFTokenizer(Tokenizer):
-    """Our Tokenizer contract over the Hugging Face tokenizer SGLang itself loaded."""
-
-    def __init__(self, hf_tokenizer: Any, eos_token_ids: list[int]):
-        self._tok = hf_tokenizer
-        self._eos = eos_token_ids
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(self._tok.encode(text, add_special_tokens=add_special_tokens))
-
-    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
-        return self._tok.decode(token_ids, skip_special_tokens=skip_special_tokens)
-
-    def apply_chat_template(
-        self,
-        messages: list[dict[str, Any]],
-        *,
-        add_generation_prompt: bool = True,
-        tools: list[dict[str, Any]] | None = None,
-    ) -> str:
-        return self._tok.apply_chat_template(
-            messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=False
-        )
-
-    @property
-    def eos_token_ids(self) -> list[int]:
-        return list(self._eos)
 
 
 # --------------------------------------------------------------------------------------------
@@ -316,7 +285,7 @@ class SGLangEngine(Engine):
         if tm.tokenizer is not None:
             if not eos and tm.tokenizer.eos_token_id is not None:
                 eos = [int(tm.tokenizer.eos_token_id)]
-            self._tokenizer = HFTokenizer(tm.tokenizer, eos)
+            self._tokenizer = HFTokenizer.wrap(tm.tokenizer, eos)
         self._model_info = ModelInfo(
             model_path=self._model_settings.model_path,
             served_model_name=self._model_settings.name,

@@ -163,9 +163,11 @@ def test_streaming_sends_text_and_variable_events_then_the_result_then_done(stac
     result = events[-1]["result"]
     main_text = "".join(e["text"] for e in events if e["type"] == "text" and e["branch"] == [])
     assert main_text == result["text"]
-    story_pieces = [e["text"] for e in events if e["type"] == "text" and e["branch"] == []
-                    ][1:]  # after the literal "Story:"
-    assert len(story_pieces) >= 2, "gen tokens arrive as several text events"
+    story_done = next(i for i, e in enumerate(events) if e.get("name") == "story")
+    story_pieces = [e["text"] for e in events[1:story_done]]  # after the literal "Story:"
+    assert events[0] == {"type": "text", "branch": [], "text": "Story:"}
+    assert len(story_pieces) >= 2, "a gen's tokens arrive as several text events"
+    assert "".join(story_pieces) == result["variables"]["story"]
     variables = {e["name"]: e["value"] for e in events
                  if e["type"] == "variable" and e["branch"] == []}
     assert variables == result["variables"]
