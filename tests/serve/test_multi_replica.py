@@ -73,7 +73,11 @@ def test_flush_and_server_info_reach_every_replica(two_replicas):
 def test_killing_a_replica_under_load_loses_no_request(two_replicas):
     names = replica_actor_names("multi")
     assert len(names) == 2
-    body = {"model": MODEL, "prompt": "Tell me a story about", "max_tokens": 40, "ignore_eos": True, "temperature": 0}
+    body = {"model": MODEL, "prompt": "Tell me a story about", "max_tokens": 300, "ignore_eos": True, "temperature": 0}
+
+    def both_busy() -> bool:
+        states = httpx.get(f"{two_replicas.base_url}/server_info", headers=AUTH, timeout=30).json()["internal_states"]
+        return len(states) == 2 and all(s["num_running"] > 0 for s in states)
 
     def call(i: int) -> httpx.Response:
         return httpx.post(f"{two_replicas.base_url}/v1/completions", headers=AUTH,
@@ -81,12 +85,15 @@ def test_killing_a_replica_under_load_loses_no_request(two_replicas):
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=12) as pool:
         futures = [pool.submit(call, i) for i in range(12)]
-        time.sleep(0.5)  # requests are in flight on both replicas
+        deadline = time.monotonic() + 30
+        while not both_busy():  # kill only once both replicas are decoding
+            assert time.monotonic() < deadline, "the load never reached both replicas"
+            time.sleep(0.05)
         ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
         responses = [f.result() for f in futures]
 
     statuses = [r.status_code for r in responses]
     assert statuses == [200] * 12, [r.text for r in responses if r.status_code != 200]
-    assert all(r.json()["usage"]["completion_tokens"] == 40 for r in responses)
+    assert all(r.json()["usage"]["completion_tokens"] == 300 for r in responses)
     info = httpx.get(f"{two_replicas.base_url}/server_info", headers=AUTH, timeout=60).json()
     assert info["scheduler"]["retries_total"] >= 1

@@ -15,6 +15,8 @@ Specification:
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 import ray
@@ -22,7 +24,7 @@ import ray
 from app.config import AppSettings
 from app.placement import GPU_PROCESS_ENV, merge_replica_options, replica_placement
 from app.replica import ModelReplicaDeployment
-from tests.conftest import deploy, serve_args
+from tests.conftest import SMALL, ServeStack, deploy, serve_args
 
 pytestmark = pytest.mark.serve
 
@@ -119,16 +121,35 @@ def device_reports(stack) -> list[dict]:
 def gpu_apps(ray_cluster):
     from ray import serve
 
+    from app.deployments import build
+
     # CPU shares stay small: the session cluster has 4 logical CPUs for every test app.
-    pair = deploy(ray_cluster, PAIR_APP, "/gpu-pair", gpu_args(1),
-                  replica_options={"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.2}})
-    tp = deploy(ray_cluster, TP_APP, "/gpu-tp", gpu_args(2),
-                replica_options={"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.2}})
+    tp_options = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.2}}
+    # The tp app starts deploying first (not waited for), so both apps start side by side.
+    tp_app = build(AppSettings.from_args(gpu_args(2)),
+                   {"Ingress": SMALL, "Scheduler": SMALL, "ModelReplica": tp_options})
+    serve.run(tp_app, name=TP_APP, route_prefix="/gpu-tp", blocking=False)
     try:
+        pair = deploy(ray_cluster, PAIR_APP, "/gpu-pair", gpu_args(1),
+                      replica_options={"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.2}})
+        tp = ServeStack(base_url=wait_ready(ray_cluster, "/gpu-tp"), app_name=TP_APP)
         yield pair, tp
     finally:
         serve.delete(PAIR_APP)
         serve.delete(TP_APP)
+
+
+def wait_ready(cluster, route_prefix: str, timeout_s: float = 180.0) -> str:
+    base = f"http://127.0.0.1:{cluster.http_port}{route_prefix}"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/ready", timeout=30).status_code == 200:
+                return base
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"the application at {route_prefix} did not become ready")
 
 
 def test_two_replicas_get_one_gpu_each(gpu_apps):
