@@ -24,8 +24,9 @@ Precedence (lowest to highest):
      `merge_replica_options`: explicit keys win, `ray_actor_options` and its
      `runtime_env.env_vars` merged key by key);
   3. serve_config.yaml's `deployments: [{name: ModelReplica, ...}]`, applied by Ray Serve itself:
-     each option named there replaces ours whole (`ray_actor_options` included; the env flags then
-     still come from step 2 of the replica's start, see above).
+     each option named there replaces ours whole, `ray_actor_options` included (the env flags
+     then still reach the replica through `apply_gpu_process_env`; the GPUs only if the YAML's
+     `ray_actor_options` asks for them, or through the placement group).
 
 Engines that run on CPU (the embedded engine on "auto"/"cpu", the simulator) get no options: {}.
 """
@@ -67,15 +68,15 @@ def replica_placement(settings: AppSettings) -> dict[str, Any]:
     engine = settings.engine
     if not uses_gpus(engine):
         return {}
-    actor_options: dict[str, Any] = {"runtime_env": {"env_vars": dict(GPU_PROCESS_ENV)}}
-    if engine.tp_size == 1:
-        return {"ray_actor_options": {**actor_options, "num_gpus": 1}}
-    # The actor takes bundle 0's GPU; SGLang's other tp workers use the other bundles' GPUs.
-    return {
-        "ray_actor_options": {**actor_options, "num_gpus": 1},
-        "placement_group_bundles": tensor_parallel_bundles(engine.tp_size, DEFAULT_REPLICA_CPUS),
-        "placement_group_strategy": TENSOR_PARALLEL_STRATEGY,
+    # With tp_size > 1 the actor sits in bundle 0 and holds its GPU; the other bundles' GPUs are
+    # claimed by the replica at start (claim_placement_group_gpus) for SGLang's other tp workers.
+    options: dict[str, Any] = {
+        "ray_actor_options": {"num_gpus": 1, "runtime_env": {"env_vars": dict(GPU_PROCESS_ENV)}}
     }
+    if engine.tp_size > 1:
+        options["placement_group_bundles"] = tensor_parallel_bundles(engine.tp_size, DEFAULT_REPLICA_CPUS)
+        options["placement_group_strategy"] = TENSOR_PARALLEL_STRATEGY
+    return options
 
 
 def tensor_parallel_bundles(tp_size: int, cpus_per_bundle: float) -> list[dict[str, float]]:
@@ -86,11 +87,13 @@ def merge_replica_options(defaults: dict[str, Any], explicit: dict[str, Any]) ->
     """`defaults` (from `replica_placement`) overridden by `explicit` (the caller's options).
 
     Explicit top-level options replace defaults, except `ray_actor_options`, merged key by key
-    (and its `runtime_env.env_vars` too). Two cases keep the result one Ray accepts:
+    (and its `runtime_env.env_vars` too). With default bundles (tp_size > 1), three rules keep
+    the result one Ray accepts:
     - explicit `num_gpus` covering every tensor-parallel GPU (the single-actor layout) and no
       explicit bundles: the default placement group is dropped;
-    - explicit `num_cpus` and default bundles: every bundle carries that many CPUs, so the actor
-      still fits in bundle 0 (Ray requires it).
+    - explicit `max_replicas_per_node`: an error (Ray forbids it next to placement groups);
+    - explicit `num_cpus`: every bundle carries that many CPUs, so the actor still fits in
+      bundle 0 (Ray requires it).
     """
     merged = copy.deepcopy(defaults)
     explicit = copy.deepcopy(explicit)

@@ -26,12 +26,15 @@ from app.streaming import coalesce
 
 logger = logging.getLogger("sglserve.replica")
 
+STREAMS_PER_INTERVAL = 4  # open streams per base stream interval (see _stream_interval_s)
+
 
 class ModelReplica:
     async def __init__(self, settings: dict[str, Any]):
         from app.engines.factory import make_engine  # engines import heavy libraries
 
         self.settings = AppSettings.from_args(settings)
+        self._open_streams = 0
         try:
             self.replica_id = serve.get_replica_context().replica_id.unique_id
         except Exception:  # noqa: BLE001 - constructed outside Serve (tests)
@@ -54,16 +57,30 @@ class ModelReplica:
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
         """Stream one request's increments, coalesced for the hop back to the scheduler."""
-        scheduler = self.settings.scheduler
         stream = coalesce(
-            self.engine.generate(request),
-            max_tokens=scheduler.decoding_chunk_size,
-            interval_s=scheduler.stream_interval_ms / 1000.0,
+            self.engine.generate(request), max_tokens=self.settings.scheduler.decoding_chunk_size,
+            interval_s=self._stream_interval_s,
         )
-        async for out in stream:
-            if out.finished:
-                out.served_by = self.replica_id
-            yield out
+        self._open_streams += 1
+        try:
+            async for out in stream:
+                if out.finished:
+                    out.served_by = self.replica_id
+                yield out
+        finally:
+            self._open_streams -= 1
+
+    def _stream_interval_s(self) -> float:
+        """How long a stream may hold tokens back, growing with the number of open streams.
+
+        Each streamed message costs CPU on every hop (replica -> scheduler -> ingress -> proxy)
+        whatever it carries, and a busy engine gives every stream a token per step. So with many
+        streams open, each one sends less often but more per message, keeping the messages per
+        second roughly flat; one stream alone sends every `stream_interval_ms`. The first token
+        of every stream still leaves at once."""
+        cfg = self.settings.scheduler
+        scaled = cfg.stream_interval_ms * max(1.0, self._open_streams / STREAMS_PER_INTERVAL)
+        return min(scaled, max(cfg.stream_interval_ms, cfg.max_stream_interval_ms)) / 1000.0
 
     async def run_program(self, route: GenerateRequest, body: dict[str, Any]) -> dict[str, Any]:
         """Run a whole /run program on this replica's engine. `route` only carries the routing

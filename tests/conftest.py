@@ -78,7 +78,9 @@ def ray_cluster() -> Iterator[RayCluster]:
     ray.init(
         address="local",
         num_cpus=4,  # logical CPUs for placement; deployments ask for fractions
-        num_gpus=4,  # LOGICAL GPUs (none exist here): placement tests (tests/serve/test_placement.py)
+        # LOGICAL GPUs (none exist here) for tests/serve/test_placement.py; on a GPU host
+        # SGLSERVE_TEST_GPUS=auto lets Ray count the real ones (docs/gpu-placement.md).
+        num_gpus=None if os.environ.get("SGLSERVE_TEST_GPUS") == "auto" else int(os.environ.get("SGLSERVE_TEST_GPUS", "4")),
         include_dashboard=False,
         log_to_driver=False,
         configure_logging=False,

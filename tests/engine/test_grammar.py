@@ -234,7 +234,8 @@ def test_every_steered_token_keeps_a_completion_within_budget(tiny, compiler):
 
     allowed = torch.nonzero(matcher_at_prefix(12).allowed_token_mask()).flatten().tolist()
     assert allowed
-    for token in allowed[:: max(1, len(allowed) // 12)]:  # a spread of them, to stay fast  # the mask itself must leave the matcher's state untouched
+    # A spread of them, to stay fast; the mask itself must leave the matcher's state untouched.
+    for token in allowed[:: max(1, len(allowed) // 12)]:
         matcher = matcher_at_prefix(12)
         matcher.allowed_token_mask()
         assert matcher.accept_token(token), tokenizer.decode([token])

@@ -15,6 +15,7 @@ Specification:
 
 from __future__ import annotations
 
+import os
 import time
 
 import httpx
@@ -24,7 +25,7 @@ import ray
 from app.config import AppSettings
 from app.placement import GPU_PROCESS_ENV, merge_replica_options, replica_placement
 from app.replica import ModelReplicaDeployment
-from tests.conftest import SMALL, ServeStack, deploy, serve_args
+from tests.conftest import SMALL, ServeStack, serve_args
 
 pytestmark = pytest.mark.serve
 
@@ -94,12 +95,24 @@ def test_explicit_options_keep_a_tensor_parallel_replica_valid_for_ray():
         merge_replica_options(defaults, {"max_replicas_per_node": 1})
 
 
-# --- on the session cluster's logical GPUs ----------------------------------------------------------
+# --- on the session cluster's GPUs (logical here) ---------------------------------------------------
+
+# "simulated" here; a real GPU run sets SGLSERVE_PLACEMENT_ENGINE=sglang (docs/gpu-placement.md).
+ENGINE_KIND = os.environ.get("SGLSERVE_PLACEMENT_ENGINE", "simulated")
+APPS = {  # name -> (route prefix, tp_size, replicas)
+    PAIR_APP: ("/gpu-pair", 1, 2),
+    TP_APP: ("/gpu-tp", 2, 1),
+}
 
 
 def gpu_args(tp_size: int) -> dict:
-    return serve_args(engine={"kind": "simulated", "device": "cuda", "tp_size": tp_size},
-                      scheduler={"routing_policy": "cache_aware"})
+    engine = {"kind": ENGINE_KIND, "device": "cuda", "tp_size": tp_size}
+    model: dict = {}
+    if ENGINE_KIND == "sglang":  # the tiny model as tests/gpu serves it, small KV budget
+        model = {"dtype": "float16", "context_length": 2048}
+        engine |= {"mem_fraction_static": 0.3, "attention_backend": "triton", "sampling_backend": "pytorch",
+                   "grammar_backend": "none", "max_total_tokens": None, "torch_threads": None}
+    return serve_args(model=model, engine=engine, scheduler={"routing_policy": "cache_aware"})
 
 
 def replica_ids(app_name: str) -> list[str]:
@@ -111,49 +124,116 @@ def replica_ids(app_name: str) -> list[str]:
     )
 
 
-def device_reports(stack) -> list[dict]:
+def device_reports(stack: ServeStack) -> list[dict]:
     handle = stack.handle("ModelReplica")
     return [handle.device_report.remote(target_replica=rid).result(timeout_s=60)
             for rid in replica_ids(stack.app_name)]
 
 
+class GpuApps:
+    """Starts the placement test apps on demand (side by side when the cluster has GPUs for all)
+    and deletes what it started."""
+
+    def __init__(self, cluster) -> None:
+        self.cluster = cluster
+        self.started: list[str] = []
+
+    def start(self, name: str) -> None:
+        from ray import serve
+
+        from app.deployments import build
+
+        if name in self.started:
+            return
+        route_prefix, tp_size, replicas = APPS[name]
+        # CPU shares stay small: the session cluster has 4 logical CPUs for every test app.
+        replica = {"num_replicas": replicas, "ray_actor_options": {"num_cpus": 0.2}}
+        app = build(AppSettings.from_args(gpu_args(tp_size)), {"Ingress": SMALL, "Scheduler": SMALL, "ModelReplica": replica})
+        serve.run(app, name=name, route_prefix=route_prefix, blocking=False)
+        self.started.append(name)
+
+    def ready(self, name: str, timeout_s: float = 180.0) -> ServeStack:
+        if cluster_gpus() < 4:  # too few GPUs for both apps (a 2-GPU host): one at a time
+            self.delete_all(keep=name)
+        self.start(name)
+        base = f"http://127.0.0.1:{self.cluster.http_port}{APPS[name][0]}"
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{base}/ready", timeout=30).status_code == 200:
+                    return ServeStack(base_url=base, app_name=name)
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"application {name} did not become ready")
+
+    def delete_all(self, keep: str | None = None) -> None:
+        from ray import serve
+
+        for name in [n for n in self.started if n != keep]:
+            serve.delete(name)  # blocks until its replicas (and placement groups) are gone
+            self.started.remove(name)
+
+
+def cluster_gpus() -> int:
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
 @pytest.fixture(scope="module")
 def gpu_apps(ray_cluster):
-    from ray import serve
-
-    from app.deployments import build
-
-    # CPU shares stay small: the session cluster has 4 logical CPUs for every test app.
-    tp_options = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.2}}
-    # The tp app starts deploying first (not waited for), so both apps start side by side.
-    tp_app = build(AppSettings.from_args(gpu_args(2)),
-                   {"Ingress": SMALL, "Scheduler": SMALL, "ModelReplica": tp_options})
-    serve.run(tp_app, name=TP_APP, route_prefix="/gpu-tp", blocking=False)
+    apps = GpuApps(ray_cluster)
+    if cluster_gpus() >= 4:  # room for both apps: start them side by side (startup dominates)
+        for name in APPS:
+            apps.start(name)
     try:
-        pair = deploy(ray_cluster, PAIR_APP, "/gpu-pair", gpu_args(1),
-                      replica_options={"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.2}})
-        tp = ServeStack(base_url=wait_ready(ray_cluster, "/gpu-tp"), app_name=TP_APP)
-        yield pair, tp
+        yield apps
     finally:
-        serve.delete(PAIR_APP)
-        serve.delete(TP_APP)
+        apps.delete_all()
 
 
-def wait_ready(cluster, route_prefix: str, timeout_s: float = 180.0) -> str:
-    base = f"http://127.0.0.1:{cluster.http_port}{route_prefix}"
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/ready", timeout=30).status_code == 200:
-                return base
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"the application at {route_prefix} did not become ready")
+@pytest.fixture
+def pair(gpu_apps) -> ServeStack:
+    return gpu_apps.ready(PAIR_APP)
 
 
-def test_two_replicas_get_one_gpu_each(gpu_apps):
-    pair, _ = gpu_apps
+@pytest.fixture
+def tp(gpu_apps) -> ServeStack:
+    return gpu_apps.ready(TP_APP)
+
+
+@ray.remote
+class GroupMember:
+    """A plain actor in bundle 0 of a placement group, as Ray Serve places a replica."""
+
+    async def claim(self, tp_size: int) -> tuple[list[str], str]:
+        from app.placement import claim_placement_group_gpus
+
+        ids = await claim_placement_group_gpus(tp_size)
+        return ids, os.environ["CUDA_VISIBLE_DEVICES"]
+
+
+@pytest.mark.parametrize("actor_gpus", [1, 0], ids=["actor-holds-bundle-0-gpu", "actor-holds-no-gpu"])
+def test_a_replica_claims_every_gpu_of_its_placement_group(ray_cluster, actor_gpus):
+    """Runs before the apps below take the GPUs. `actor-holds-no-gpu` is what a serve_config.yaml
+    `ray_actor_options` without num_gpus leads to: bundle 0's GPU is claimed as well."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    group = placement_group([{"CPU": 0.1, "GPU": 1}] * 2, strategy="STRICT_PACK")
+    ray.get(group.ready(), timeout=60)
+    try:
+        member = GroupMember.options(
+            num_cpus=0.1, num_gpus=actor_gpus,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0),
+        ).remote()
+        ids, visible = ray.get(member.claim.remote(2), timeout=60)
+        assert len(ids) == 2 and len(set(ids)) == 2 and visible == ",".join(ids)
+        ray.kill(member)
+    finally:
+        remove_placement_group(group)
+
+
+def test_two_replicas_get_one_gpu_each(pair):
     reports = device_reports(pair)
     assert len(reports) == 2
     gpus = [r["gpu_ids"] for r in reports]
@@ -168,8 +248,7 @@ def test_two_replicas_get_one_gpu_each(gpu_apps):
         assert r.status_code == 200, r.text
 
 
-def test_tensor_parallel_replica_gets_a_strict_pack_group_and_sees_both_gpus(gpu_apps):
-    _, tp = gpu_apps
+def test_tensor_parallel_replica_gets_a_strict_pack_group_and_sees_both_gpus(tp):
     [report] = device_reports(tp)
     table = ray.util.placement_group_table()
     group = table[report["placement_group_id"]]
@@ -186,7 +265,9 @@ def test_tensor_parallel_replica_gets_a_strict_pack_group_and_sees_both_gpus(gpu
 
 
 def test_no_gpu_is_given_to_two_replicas(gpu_apps):
-    pair, tp = gpu_apps
+    if cluster_gpus() < 4:
+        pytest.skip("needs 4 GPUs for both apps at once; with fewer they run one at a time")
+    pair, tp = gpu_apps.ready(PAIR_APP), gpu_apps.ready(TP_APP)
     seen = [gpu for r in device_reports(pair) + device_reports(tp) for gpu in r["cuda_visible_devices"].split(",")]
     assert len(seen) == 4 and len(set(seen)) == 4, seen
     assert ray.available_resources().get("GPU", 0) == 0  # the cluster's 4 logical GPUs, all reserved

@@ -102,6 +102,13 @@ _BYTE_PREFERENCE = (
 )
 # Bytes the novelty scan skips (they are still taken when nothing else continues).
 _NO_NOVELTY_BYTES = frozenset([ord("\\")] + list(range(0x80, 0x100)))
+# The novelty scan tries one byte per class (lower, upper, digit): where a choice among letters
+# matters (property names, enums) there are few candidates and the lookahead decides instead.
+_BYTE_CLASS = {
+    **{b: 0 for b in range(ord("a"), ord("z") + 1)},
+    **{b: 1 for b in range(ord("A"), ord("Z") + 1)},
+    **{b: 2 for b in range(ord("0"), ord("9") + 1)},
+}
 _XGRAMMAR_LOCATION = re.compile(r"^\[[0-9:]+\] \S+:\d+: ")
 
 
@@ -451,27 +458,29 @@ class GrammarMatcher:
     def _steering_mask(self, mask: torch.Tensor, witness: bytes) -> torch.Tensor:
         """Tokens after which a witness costing at most remaining_tokens - 1 is known."""
         budget_after = self.remaining_tokens - 1
-        keep = torch.zeros_like(mask)
-        for token_id, size in self.vocabulary.prefix_tokens(witness):
-            if self._costs[size] <= budget_after:
-                keep[token_id] = True  # progress: the rest of W completes after it
+        stops = self.vocabulary.stop_token_ids
+        prefixes = self.vocabulary.prefix_tokens(witness)
+        shortest_path = [t for t, _ in prefixes]
+        # Progress: the rest of W completes after it, within the budget.
+        keep = [t for t, size in prefixes if self._costs[size] <= budget_after]
         if not witness:
-            keep[self.vocabulary.stop_token_ids] = True  # complete: stopping is progress
+            keep += stops  # complete: stopping is progress
+            shortest_path += stops
         if self._costs[0] <= budget_after:
-            candidates = mask & ~keep
-            candidates[self.vocabulary.stop_token_ids] = False  # stopping now is not "harmless"
-            for token_id in torch.nonzero(candidates).flatten().tolist():
-                if self._keeps_witness(token_id, witness):
-                    keep[token_id] = True
-                    self._harmless.add(token_id)
-        if not (keep & mask).any():
+            candidates = mask.clone()
+            candidates[keep + stops] = False  # stopping now is not "harmless"
+            self._harmless = {
+                t for t in torch.nonzero(candidates).flatten().tolist()
+                if self._keeps_witness(t, witness)
+            }
+            keep += self._harmless
+        allowed = torch.zeros_like(mask)
+        allowed[keep] = True
+        if not (allowed & mask).any():
             # The budget is already below the witness cost (the guarantee was lost, see
-            # invariant_breaks): no guarantee left; take the shortest path we know.
-            for token_id, _ in self.vocabulary.prefix_tokens(witness):
-                keep[token_id] = True
-            if not witness:
-                keep[self.vocabulary.stop_token_ids] = True
-        return keep
+            # invariant_breaks): take the shortest path we know.
+            allowed[shortest_path] = True
+        return allowed
 
     def _keeps_witness(self, token_id: int, witness: bytes) -> bool:
         """Does `token_id` followed by the witness still complete the grammar?"""
@@ -509,10 +518,12 @@ class GrammarMatcher:
         if token_id in self._harmless:
             return
         probe = self._matcher.fork()
-        if probe.is_completed() if not witness else (
-            probe.accept_string(witness) and probe.is_completed()
-        ):
-            return
+        if witness:
+            keeps = probe.accept_string(witness) and probe.is_completed()
+        else:
+            keeps = probe.is_completed()
+        if keeps:
+            return  # an unchecked token (free zone) that happens to keep the witness
         old_cost = self._costs[0]
         self._set_witness(None)
         if self._current_witness() is None:
@@ -593,9 +604,15 @@ def _find_witness(
                 continue
         chosen = None
         least_visited: tuple[int, bytes] | None = None
+        classes_tried: set[int] = set()
         for piece in candidates:
             if piece[0] in _NO_NOVELTY_BYTES:
                 continue  # escapes and multi-byte characters never shorten a completion
+            byte_class = _BYTE_CLASS.get(piece[0])
+            if byte_class is not None:
+                if byte_class in classes_tried:
+                    continue  # one letter (digit) stands for the others in the scan
+                classes_tried.add(byte_class)
             evaluations += 1
             if not probe.accept_string(piece):
                 continue
