@@ -89,8 +89,8 @@ class SchedulerSettings(_Section):
     min_in_flight_per_replica: int = Field(8, gt=0)
     max_in_flight_per_replica: int = Field(256, gt=0)
     decoding_chunk_size: int = Field(16, gt=0)  # max tokens coalesced into one streamed chunk
-    stream_interval_ms: float = Field(10.0, ge=0)  # after the first token, send at most this often
-    max_stream_interval_ms: float = Field(100.0, ge=0)  # ... stretched up to this with many streams
+    stream_interval_ms: float = Field(50.0, ge=0)  # after the first token, send at most this often
+    max_stream_interval_ms: float = Field(500.0, ge=0)  # ... stretched up to this with many streams
     max_retries: int = Field(2, ge=0)
 
 

@@ -101,7 +101,7 @@ def summarize(outs: list[tuple[float, int]], wall_s: float) -> dict:
             "tok_s": tokens / wall_s, "requests": len(outs), "tokens": tokens}
 
 
-def report(engine: dict, stack: dict, max_tokens: int, prompt_len: int) -> str:
+def report(engine: dict, stack: dict, max_tokens: int, prompt_len: int, scheduler: dict) -> str:
     lines = [
         "# Framework overhead: in-process engine vs the whole stack over HTTP",
         "",
@@ -109,7 +109,8 @@ def report(engine: dict, stack: dict, max_tokens: int, prompt_len: int) -> str:
         "",
         f"Workload: prompts of {prompt_len} random token ids, {max_tokens} output tokens each "
         "(ignore_eos, greedy), closed loop; the engine has 1 torch thread on both sides.",
-        "Stack = HTTP (Serve proxy) -> Ingress -> Scheduler -> ModelReplica -> engine, streaming SSE.",
+        "Stack = HTTP (Serve proxy) -> Ingress -> Scheduler -> ModelReplica -> engine, streaming SSE; "
+        f"scheduler settings: {scheduler}.",
         "",
         "| concurrency | engine TTFT p50 | stack TTFT p50 | added TTFT p50 | engine TTFT p99 | stack TTFT p99 "
         "| engine tok/s | stack tok/s | throughput ratio |",
@@ -131,6 +132,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer requests (smoke run)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--stream-interval-ms", type=float, default=None, help="override the setting")
+    parser.add_argument("--max-stream-interval-ms", type=float, default=None, help="override the setting")
+    parser.add_argument("--name", default="overhead", help="results file name")
     args = parser.parse_args()
     scale = 0.25 if args.quick else 1.0
     levels = [(1, max(4, int(24 * scale))), (8, max(8, int(64 * scale))), (32, max(32, int(160 * scale)))]
@@ -139,15 +143,19 @@ def main() -> None:
     engine = asyncio.run(run_engine_side(levels, prompts, args.max_tokens))
     port = start_ray_serve()
     try:
-        args_app = {"model": {"cache_dir": CACHE_DIR}, "engine": ENGINE,
-                    "scheduler": {"max_concurrent": 256, "max_queue": 1024}}
+        scheduler = {"max_concurrent": 256, "max_queue": 1024}
+        if args.stream_interval_ms is not None:
+            scheduler["stream_interval_ms"] = args.stream_interval_ms
+        if args.max_stream_interval_ms is not None:
+            scheduler["max_stream_interval_ms"] = args.max_stream_interval_ms
+        args_app = {"model": {"cache_dir": CACHE_DIR}, "engine": ENGINE, "scheduler": scheduler}
         base = deploy_app(port, "overhead", args_app)
         stack = asyncio.run(run_stack_side(base, levels, prompts, args.max_tokens))
     finally:
         stop_ray_serve()
-    text = report(engine, stack, args.max_tokens, args.prompt_len)
+    text = report(engine, stack, args.max_tokens, args.prompt_len, scheduler)
     print(text)
-    write_result("overhead", text)
+    write_result(args.name, text)
 
 
 if __name__ == "__main__":
