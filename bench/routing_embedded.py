@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -257,14 +258,15 @@ def plot(runs: list[PolicyRun], big: PolicyRun, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def report(runs: list[PolicyRun], big: PolicyRun, workload: Workload, load_before: str, total_s: float) -> str:
+def report(runs: list[PolicyRun], big: PolicyRun, workload: Workload, machine_line: str, load_before: str,
+           total_s: float) -> str:
     ca = next(r for r in runs if r.policy == "cache_aware")
     rr = runs[0]
     prompt_lens = [t.prompt_tokens for t in rr.turns]
     return "\n".join([
         "# Routing policies on the real embedded engine, through the whole stack",
         "",
-        f"Machine: {machine()}. Load average just before the run: {load_before}.",
+        f"Machine: {machine_line}. Load average (1/5/15 min) just before the run: {load_before}.",
         "Command: `.venv/bin/python -m bench.routing_embedded` "
         f"(whole run {total_s / 60:.1f} min, including 4 deployments).",
         "",
@@ -311,7 +313,8 @@ def main() -> None:
     else:
         workload = make_workload(n_systems=16, n_users=64, concurrency=24, time_cap_s=60)
         policies = POLICIES
-    load_before = " / ".join(f"{x:.2f}" for x in __import__("os").getloadavg())
+    load_before = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    machine_line = machine()  # before the run: its load average is the machine's, not ours
     started = time.perf_counter()
     port = start_ray_serve()
     runs: list[PolicyRun] = []
@@ -324,7 +327,7 @@ def main() -> None:
                 runs.append(run_policy(port, policy, REPLICAS, KV_TOKENS_PER_REPLICA, workload, policy))
     finally:
         stop_ray_serve()
-    text = report(runs, big, workload, load_before, time.perf_counter() - started)
+    text = report(runs, big, workload, machine_line, load_before, time.perf_counter() - started)
     print(text)
     if not args.quick:
         RESULTS.mkdir(exist_ok=True)

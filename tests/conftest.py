@@ -75,16 +75,26 @@ def ray_cluster() -> Iterator[RayCluster]:
     import ray
     from ray import serve
 
-    ray.init(
+    gpus = os.environ.get("SGLSERVE_TEST_GPUS", "4")
+    options = dict(
         address="local",
         num_cpus=4,  # logical CPUs for placement; deployments ask for fractions
         # LOGICAL GPUs (none exist here) for tests/serve/test_placement.py; on a GPU host
         # SGLSERVE_TEST_GPUS=auto lets Ray count the real ones (docs/gpu-placement.md).
-        num_gpus=None if os.environ.get("SGLSERVE_TEST_GPUS") == "auto" else int(os.environ.get("SGLSERVE_TEST_GPUS", "4")),
+        num_gpus=None if gpus == "auto" else int(gpus),
         include_dashboard=False,
         log_to_driver=False,
         configure_logging=False,
     )
+    for attempt in range(3):
+        try:
+            ray.init(**options)
+            break
+        except Exception:  # Ray gives a starting raylet a fixed 30 s; a busy machine can miss it
+            ray.shutdown()
+            if attempt == 2:
+                raise
+            time.sleep(5)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
