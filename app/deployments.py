@@ -26,10 +26,19 @@ def routing_config(settings: AppSettings) -> RequestRouterConfig:
     """The scheduler's handle to the replicas routes by our policy (runs in the scheduler)."""
     return RequestRouterConfig(
         request_router_class="app.scheduler.ray_router:PolicyRequestRouter",
-        request_router_kwargs={"policy": settings.scheduler.routing_policy},
+        request_router_kwargs={"policy": settings.scheduler.routing_policy, **policy_kwargs(settings)},
         request_routing_stats_period_s=1.0,
         request_routing_stats_timeout_s=5.0,
     )
+
+
+def policy_kwargs(settings: AppSettings) -> dict[str, Any]:
+    """The routing policy's options; cache_aware's tree holds about what a replica's KV holds, so it
+    forgets prefixes roughly when the replica evicts them."""
+    kwargs = dict(settings.scheduler.routing_policy_kwargs)
+    if settings.scheduler.routing_policy == "cache_aware" and settings.engine.max_total_tokens:
+        kwargs.setdefault("max_tree_tokens_per_replica", settings.engine.max_total_tokens)
+    return kwargs
 
 
 def build(settings: AppSettings, options: dict[str, dict[str, Any]] | None = None) -> Application:

@@ -107,7 +107,6 @@ def ray_cluster() -> Iterator[RayCluster]:
 def deploy(
     cluster: RayCluster, name: str, route_prefix: str, args: dict, replica_options: dict | None = None
 ) -> ServeStack:
-    import httpx
     from ray import serve
 
     from app.config import AppSettings
@@ -120,8 +119,14 @@ def deploy(
     }
     app = build(AppSettings.from_args(args), options)
     serve.run(app, name=name, route_prefix=route_prefix, blocking=False)
-    base = f"http://127.0.0.1:{cluster.http_port}{route_prefix.rstrip('/')}"
-    deadline = time.monotonic() + 180
+    return wait_ready(f"http://127.0.0.1:{cluster.http_port}{route_prefix.rstrip('/')}", name)
+
+
+def wait_ready(base: str, name: str, timeout_s: float = 180.0) -> ServeStack:
+    """Poll the app's /ready (a real 1-token generation) until it answers 200."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"{base}/ready", timeout=30).status_code == 200:

@@ -16,7 +16,6 @@ Specification:
 from __future__ import annotations
 
 import os
-import time
 
 import httpx
 import pytest
@@ -25,7 +24,7 @@ import ray
 from app.config import AppSettings
 from app.placement import GPU_PROCESS_ENV, merge_replica_options, replica_placement
 from app.replica import ModelReplicaDeployment
-from tests.conftest import SMALL, ServeStack, serve_args
+from tests.conftest import SMALL, ServeStack, serve_args, wait_ready
 
 pytestmark = pytest.mark.serve
 
@@ -156,16 +155,7 @@ class GpuApps:
         if cluster_gpus() < 4:  # too few GPUs for both apps (a 2-GPU host): one at a time
             self.delete_all(keep=name)
         self.start(name)
-        base = f"http://127.0.0.1:{self.cluster.http_port}{APPS[name][0]}"
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{base}/ready", timeout=30).status_code == 200:
-                    return ServeStack(base_url=base, app_name=name)
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"application {name} did not become ready")
+        return wait_ready(f"http://127.0.0.1:{self.cluster.http_port}{APPS[name][0]}", name, timeout_s)
 
     def delete_all(self, keep: str | None = None) -> None:
         from ray import serve
