@@ -65,13 +65,14 @@ class Workload:
         return sum(len(turns) for _, turns in self.users)
 
 
-def make_workload(n_systems: int, n_users: int, concurrency: int, time_cap_s: float, seed: int = 0) -> Workload:
+def make_workload(n_systems: int, n_users: int, concurrency: int, time_cap_s: float, seed: int = 0,
+                  system_tokens: tuple[int, int] = (900, 1100)) -> Workload:
     rng = random.Random(seed)
 
     def ids(n: int) -> list[int]:
         return [rng.randrange(300, 1500) for _ in range(n)]  # clear of the special tokens (0-3)
 
-    systems = [ids(rng.randrange(900, 1101)) for _ in range(n_systems)]
+    systems = [ids(rng.randrange(system_tokens[0], system_tokens[1] + 1)) for _ in range(n_systems)]
     users = [(rng.randrange(n_systems), [ids(rng.randrange(16, 33)) for _ in range(rng.choice((2, 3)))])
              for _ in range(n_users)]
     return Workload(systems, users, concurrency, time_cap_s)
@@ -283,8 +284,8 @@ def report(runs: list[PolicyRun], big: PolicyRun, workload: Workload, machine_li
         f"prompts {min(prompt_lens)}-{max(prompt_lens)} tokens; {OUTPUT_TOKENS} output tokens (ignore_eos, greedy); "
         f"{workload.concurrency} closed-loop clients, at most {workload.requests} requests or "
         f"{workload.time_cap_s:.0f} s per policy. "
-        f"KV capacity per replica `max_total_tokens` = {KV_TOKENS_PER_REPLICA} (about a third of the "
-        f"system prompts); the reference is one replica with {REPLICAS * KV_TOKENS_PER_REPLICA} (4x), which "
+        f"KV capacity per replica `max_total_tokens` = {KV_TOKENS_PER_REPLICA} (about "
+        f"{KV_TOKENS_PER_REPLICA / sum(map(len, workload.systems)):.0%} of the system prompts' tokens); the reference is one replica with {REPLICAS * KV_TOKENS_PER_REPLICA} (4x), which "
         "holds them all. Throughput = completed requests (or output tokens) / wall time of the whole run "
         "(cold start and tail included). Hit rate = cached prompt tokens / prompt tokens, summed over "
         "replicas (deltas of `/server_info` `internal_states[]`).",
@@ -303,14 +304,22 @@ def report(runs: list[PolicyRun], big: PolicyRun, workload: Workload, machine_li
 
 
 def main() -> None:
+    global KV_TOKENS_PER_REPLICA
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a tiny smoke run, no files written")
+    parser.add_argument("--systems", type=int, default=16, help="number of system prompts")
+    parser.add_argument("--system-tokens", type=int, nargs=2, default=(900, 1100), metavar=("MIN", "MAX"))
+    parser.add_argument("--users", type=int, default=64)
+    parser.add_argument("--kv-per-replica", type=int, default=6144)
+    parser.add_argument("--name", default="routing_embedded", help="results file name (.md, .png)")
     args = parser.parse_args()
+    KV_TOKENS_PER_REPLICA = args.kv_per_replica
     if args.quick:
         workload = make_workload(n_systems=4, n_users=6, concurrency=4, time_cap_s=20)
         policies = ["cache_aware"]
     else:
-        workload = make_workload(n_systems=16, n_users=64, concurrency=24, time_cap_s=60)
+        workload = make_workload(n_systems=args.systems, n_users=args.users, concurrency=24, time_cap_s=60,
+                                 system_tokens=tuple(args.system_tokens))
         policies = POLICIES
     load_before = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     machine_line = machine()  # before the run: its load average is the machine's, not ours
@@ -330,8 +339,8 @@ def main() -> None:
     print(text)
     if not args.quick:
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "routing_embedded.md").write_text(text)
-        plot(runs, big, RESULTS / "routing_embedded.png")
+        (RESULTS / f"{args.name}.md").write_text(text.replace("routing_embedded.png", f"{args.name}.png"))
+        plot(runs, big, RESULTS / f"{args.name}.png")
 
 
 if __name__ == "__main__":
