@@ -26,7 +26,8 @@ import jsonschema
 import torch
 from tqdm import tqdm
 
-from app.engines.embedded.grammar import JSON_OBJECT_GRAMMAR, GrammarCompiler
+from app.engines.embedded.grammar import GrammarCompiler
+from app.protocol import JSON_OBJECT_GRAMMAR
 from bench.common import machine
 from app.engines.embedded.sampling import SequenceSampler, sample_next_tokens
 from app.engines.tiny_model import ensure_tiny_model

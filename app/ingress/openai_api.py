@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from app.errors import APIError, InvalidRequestError, NotFoundError
+from app.errors import InvalidRequestError, NotFoundError
 from app.ingress.gateway import Gateway
 from app.ingress.openai_protocol import (
     ChatCompletionRequest,
@@ -459,6 +459,3 @@ async def _completions(gateway: Gateway, body: CompletionRequest, request: Reque
             yield sse_event({**chunk, "choices": [], "usage": request.state.usage})
 
     return StreamingResponse(sse_stream(events()), media_type="text/event-stream")
-
-
-__all__ = ["openai_router", "APIError"]

@@ -11,7 +11,8 @@ import jsonschema
 import pytest
 import torch
 
-from app.engines.embedded.grammar import JSON_OBJECT_GRAMMAR, GrammarCompiler
+from app.engines.embedded.grammar import GrammarCompiler
+from app.protocol import JSON_OBJECT_GRAMMAR
 from app.engines.embedded.sampling import SequenceSampler, sample_next_tokens
 from app.errors import APIError, PayloadTooLargeError, ValidationError
 from app.protocol import SamplingParams

@@ -74,7 +74,6 @@ import jsonschema
 import torch
 import xgrammar as xgr
 
-from app.protocol import JSON_OBJECT_GRAMMAR  # noqa: F401 - re-exported
 from app.errors import PayloadTooLargeError, ValidationError
 
 GRAMMAR_KINDS = ("json_schema", "regex", "ebnf")
