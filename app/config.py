@@ -55,6 +55,10 @@ class EngineSettings(_Section):
     schedule_policy: Literal["fcfs", "lpm"] = "lpm"
     disable_radix_cache: bool = False
     torch_threads: int | None = Field(None, gt=0)  # embedded engine; None: torch's default
+    # Embedded engine: run it in a child process of the replica, with a GIL of its own, so that Ray
+    # Serve's streaming work in the replica does not slow its Python step loop (sglang.Engine
+    # already runs its scheduler in processes of its own).
+    separate_process: bool = True
     # Constrained decoding.
     grammar_backend: Literal["xgrammar", "none"] = "xgrammar"
     max_grammar_bytes: int = Field(65536, gt=0)

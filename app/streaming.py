@@ -29,6 +29,7 @@ async def coalesce(
     iterator = source.__aiter__()
     pending: GenerateOutput | None = None
     last_sent = float("-inf")  # the first increment is always due
+    shown_text = False  # until some text has left, every increment is due
     waiter: asyncio.Future | None = None  # a pending __anext__ while something is held back
     try:
         while True:
@@ -47,6 +48,7 @@ async def coalesce(
                 if not done:  # the interval ran out while holding tokens back: send them
                     out, pending = pending, None
                     last_sent = time.monotonic()
+                    shown_text = shown_text or bool(out.text)
                     yield out
                     continue
                 try:
@@ -58,9 +60,11 @@ async def coalesce(
                 waiter = None
             pending = item if pending is None else pending.merge(item)
             now = time.monotonic()
-            if pending.finished or len(pending.token_ids) >= max_tokens or now - last_sent >= interval():
+            if (not shown_text or pending.finished or len(pending.token_ids) >= max_tokens
+                    or now - last_sent >= interval()):
                 out, pending = pending, None
                 last_sent = now
+                shown_text = shown_text or bool(out.text)
                 yield out
                 if out.finished:
                     return

@@ -3,6 +3,7 @@
 Side A ("engine"): an EmbeddedEngine in this process, requests submitted with asyncio.
 Side B ("stack"): the same engine settings inside sglserve on Ray Serve, driven over HTTP
 (streaming /v1/completions) through ingress -> scheduler -> replica.
+Both sides live in this process and alternate round by round at each level.
 Same prompts (token ids), same max_tokens with ignore_eos, greedy. Reported per concurrency:
 TTFT p50/p99, output tokens/s, and the ratios. The engine runs with one torch thread on both
 sides, so that on this 2-core machine the other core is what the framework has, as a GPU engine
@@ -42,13 +43,9 @@ def make_prompts(n: int, length: int, seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(300, 1400) for _ in range(length)] for _ in range(n)]
 
 
-async def run_engine_side(levels, prompts, max_tokens) -> dict[int, dict]:
-    from app.config import EngineSettings, ModelSettings
-    from app.engines.embedded import EmbeddedEngine
+def engine_side(engine, max_tokens: int):
+    """One request to the in-process engine: (TTFT s, completion tokens)."""
     from app.protocol import GenerateRequest, SamplingParams
-
-    engine = EmbeddedEngine(ModelSettings(cache_dir=CACHE_DIR), EngineSettings(**ENGINE))
-    await engine.start()
 
     async def one(ids: list[int]) -> tuple[float, int]:
         started = time.perf_counter()
@@ -56,72 +53,96 @@ async def run_engine_side(levels, prompts, max_tokens) -> dict[int, dict]:
         request = GenerateRequest(input_ids=ids, stream=True, sampling=SamplingParams(
             max_new_tokens=max_tokens, temperature=0, ignore_eos=True))
         async for out in engine.generate(request):
-            if ttft is None and out.token_ids:
+            if ttft is None and out.text:  # as the stack side: the first text a user sees
                 ttft = time.perf_counter() - started
             tokens = out.completion_tokens
         return ttft, tokens
 
+    return one
+
+
+def stack_side(client, base: str, max_tokens: int):
+    """One streamed /v1/completions through the whole stack: (TTFT s, completion tokens)."""
+
+    async def one(ids: list[int]) -> tuple[float, int]:
+        t = await stream_completion(client, base, {"model": MODEL, "prompt": ids, "max_tokens": max_tokens,
+                                                   "temperature": 0, "ignore_eos": True})
+        return t.ttft_s, t.tokens
+
+    return one
+
+
+async def run_interleaved(base: str, levels, prompts, max_tokens: int, rounds: int) -> tuple[dict, dict]:
+    """Both sides in this process, alternating round by round at each level, so that both see the
+    same machine (a shared 2-core VM drifts by tens of percent over minutes). Each round of a level
+    uses its own prompts on both sides, and the same prompts on each side."""
+    import httpx
+
+    from app.config import EngineSettings, ModelSettings
+    from app.engines.embedded import EmbeddedEngine
+
+    engine = EmbeddedEngine(ModelSettings(cache_dir=CACHE_DIR), EngineSettings(**ENGINE))
+    await engine.start()
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
     try:
-        return await run_levels(one, levels, prompts, "engine in process")
+        async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+            sides = {"engine": engine_side(engine, max_tokens), "stack": stack_side(client, base, max_tokens)}
+            warm = make_prompts(WARMUP[1], len(next(iter(prompts.values()))[0]), seed=999)
+            for one in sides.values():
+                await closed_loop(lambda i, one=one: one(warm[i]), WARMUP[0], WARMUP[1])
+            results: dict[str, dict[int, dict]] = {"engine": {}, "stack": {}}
+            steps = [(level, count, r) for level, count in levels for r in range(rounds)]
+            for level, count, r in tqdm(steps, desc="rounds (engine, stack)"):
+                per_round = max(level, count // rounds)
+                batch = prompts[level][r * per_round:(r + 1) * per_round] or prompts[level][:per_round]
+                order = ("engine", "stack") if r % 2 == 0 else ("stack", "engine")
+                for side in order:
+                    outs, wall = await closed_loop(lambda i, b=batch, one=sides[side]: one(b[i]), level, len(batch))
+                    acc = results[side].setdefault(level, {"outs": [], "wall": 0.0, "round_tok_s": []})
+                    acc["outs"] += outs
+                    acc["wall"] += wall
+                    acc["round_tok_s"].append(sum(n for _, n in outs) / wall)
+            return ({lv: summarize(a) for lv, a in results["engine"].items()},
+                    {lv: summarize(a) for lv, a in results["stack"].items()})
     finally:
         await engine.shutdown()
 
 
-async def run_stack_side(base, levels, prompts, max_tokens) -> dict[int, dict]:
-    import httpx
-
-    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
-
-        async def one(ids: list[int]) -> tuple[float, int]:
-            t = await stream_completion(client, base, {"model": MODEL, "prompt": ids, "max_tokens": max_tokens,
-                                                       "temperature": 0, "ignore_eos": True})
-            return t.ttft_s, t.tokens
-
-        return await run_levels(one, levels, prompts, "through the stack")
-
-
-async def run_levels(one, levels, prompts, label: str) -> dict[int, dict]:
-    """A warm-up round (not reported), then each (concurrency, requests) level. Each level has its
-    own prompts, so the prefix cache does not favour later levels."""
-    results = {}
-    warm = make_prompts(WARMUP[1], len(next(iter(prompts.values()))[0]), seed=999)
-    await closed_loop(lambda i: one(warm[i]), WARMUP[0], WARMUP[1])
-    for level, count in tqdm(levels, desc=label):
-        batch = prompts[level]
-        outs, wall = await closed_loop(lambda i, batch=batch: one(batch[i % len(batch)]), level, count)
-        results[level] = summarize(outs, wall)
-    return results
-
-
-def summarize(outs: list[tuple[float, int]], wall_s: float) -> dict:
+def summarize(acc: dict) -> dict:
+    outs = acc["outs"]
     ttfts = [t for t, _ in outs]
     tokens = sum(n for _, n in outs)
     return {"ttft_p50_ms": percentile(ttfts, 50) * 1000, "ttft_p99_ms": percentile(ttfts, 99) * 1000,
-            "tok_s": tokens / wall_s, "requests": len(outs), "tokens": tokens}
+            "tok_s": tokens / acc["wall"], "requests": len(outs), "tokens": tokens,
+            "round_tok_s": acc["round_tok_s"]}
 
 
-def report(engine: dict, stack: dict, max_tokens: int, prompt_len: int, scheduler: dict) -> str:
+def report(engine: dict, stack: dict, args: argparse.Namespace, scheduler: dict) -> str:
+    path = ("HTTP -> Ingress (serving HTTP itself: Ray Serve's throughput mode, direct ingress)"
+            if args.ray_mode == "throughput" else "HTTP -> Serve proxy -> Ingress")
     lines = [
         "# Framework overhead: in-process engine vs the whole stack over HTTP",
         "",
         f"Machine: {machine()}",
         "",
-        f"Workload: prompts of {prompt_len} random token ids, {max_tokens} output tokens each "
+        f"Workload: prompts of {args.prompt_len} random token ids, {args.max_tokens} output tokens each "
         "(ignore_eos, greedy), closed loop; the engine has 1 torch thread on both sides.",
-        "Stack = HTTP (Serve proxy) -> Ingress -> Scheduler -> ModelReplica -> engine, streaming SSE; "
+        f"Stack = {path} -> Scheduler -> ModelReplica -> engine, streaming SSE; Ray mode `{args.ray_mode}`; "
         f"scheduler settings: {scheduler}.",
+        f"Both sides run in one process, alternating in {args.rounds} rounds per level (engine first in even "
+        "rounds, stack first in odd ones), so drift of the shared machine hits both alike.",
         "",
         "| concurrency | engine TTFT p50 | stack TTFT p50 | added TTFT p50 | engine TTFT p99 | stack TTFT p99 "
-        "| engine tok/s | stack tok/s | throughput ratio |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| engine tok/s | stack tok/s | throughput ratio | ratio per round |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for level in engine:
         e, s = engine[level], stack[level]
+        per_round = " ".join(f"{a / b:.2f}" for a, b in zip(s["round_tok_s"], e["round_tok_s"]))
         lines.append(
             f"| {level} | {e['ttft_p50_ms']:.1f} ms | {s['ttft_p50_ms']:.1f} ms | "
             f"{s['ttft_p50_ms'] - e['ttft_p50_ms']:+.1f} ms | {e['ttft_p99_ms']:.1f} ms | {s['ttft_p99_ms']:.1f} ms | "
-            f"{e['tok_s']:.0f} | {s['tok_s']:.0f} | {s['tok_s'] / e['tok_s']:.3f} |"
+            f"{e['tok_s']:.0f} | {s['tok_s']:.0f} | {s['tok_s'] / e['tok_s']:.3f} | {per_round} |"
         )
     lines += ["", "Targets (issue 2): added TTFT p50 <= 5 ms at c=1; throughput ratio >= 0.95 at c=32.", ""]
     return "\n".join(lines)
@@ -132,16 +153,18 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer requests (smoke run)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=4, help="alternations per level")
     parser.add_argument("--stream-interval-ms", type=float, default=None, help="override the setting")
     parser.add_argument("--max-stream-interval-ms", type=float, default=None, help="override the setting")
     parser.add_argument("--name", default="overhead", help="results file name")
+    parser.add_argument("--ray-mode", choices=["default", "throughput"], default="throughput",
+                        help="Ray Serve's default mode (HTTP proxy) or its throughput mode (direct ingress)")
     args = parser.parse_args()
     scale = 0.25 if args.quick else 1.0
-    levels = [(1, max(4, int(24 * scale))), (8, max(8, int(64 * scale))), (32, max(32, int(160 * scale)))]
+    levels = [(1, max(4, int(24 * scale))), (8, max(32, int(96 * scale))), (32, max(128, int(384 * scale)))]
     prompts = {level: make_prompts(count, args.prompt_len, seed=level) for level, count in levels}
 
-    engine = asyncio.run(run_engine_side(levels, prompts, args.max_tokens))
-    port = start_ray_serve()
+    port = start_ray_serve(throughput_optimized=args.ray_mode == "throughput")
     try:
         scheduler = {"max_concurrent": 256, "max_queue": 1024}
         if args.stream_interval_ms is not None:
@@ -150,10 +173,10 @@ def main() -> None:
             scheduler["max_stream_interval_ms"] = args.max_stream_interval_ms
         args_app = {"model": {"cache_dir": CACHE_DIR}, "engine": ENGINE, "scheduler": scheduler}
         base = deploy_app(port, "overhead", args_app)
-        stack = asyncio.run(run_stack_side(base, levels, prompts, args.max_tokens))
+        engine, stack = asyncio.run(run_interleaved(base, levels, prompts, args.max_tokens, args.rounds))
     finally:
         stop_ray_serve()
-    text = report(engine, stack, args.max_tokens, args.prompt_len, scheduler)
+    text = report(engine, stack, args, scheduler)
     print(text)
     write_result(args.name, text)
 

@@ -10,6 +10,10 @@ from app.errors import EngineError
 def make_engine(settings: AppSettings) -> Engine:
     kind = settings.engine.kind
     if kind == "embedded":
+        if settings.engine.separate_process:
+            from app.engines.process import ProcessEngine
+
+            return ProcessEngine(settings)
         from app.engines.embedded import EmbeddedEngine
 
         return EmbeddedEngine(settings.model, settings.engine)

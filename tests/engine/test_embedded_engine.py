@@ -174,7 +174,11 @@ async def test_unsupported_architectures_are_named_in_the_error(tmp_path):
 
 
 async def test_factory_builds_the_configured_engine_and_rejects_unknown_kinds():
-    assert isinstance(make_engine(AppSettings()), EmbeddedEngine)
+    from app.engines.process import ProcessEngine
+
+    assert isinstance(make_engine(AppSettings()), ProcessEngine)  # embedded, in a process of its own
+    in_process = AppSettings.from_args({"engine": {"separate_process": False}})
+    assert isinstance(make_engine(in_process), EmbeddedEngine)
     settings = AppSettings()
     settings.engine.kind = "nope"  # type: ignore[assignment]  (bypasses validation on purpose)
     with pytest.raises(EngineError, match="nope"):
