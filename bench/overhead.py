@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from bench.common import (
     MODEL,
+    RESULTS,
     closed_loop,
     deploy_app,
     machine,
@@ -179,6 +180,36 @@ def main() -> None:
     text = report(engine, stack, args, scheduler)
     print(text)
     write_result(args.name, text)
+    plot(engine, stack, args)
+
+
+def plot(engine: dict, stack: dict, args: argparse.Namespace) -> None:
+    """Tokens/s side by side and the ratio, per concurrency: bench/results/<name>.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = list(engine)
+    x = range(len(levels))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    left.bar([i - 0.2 for i in x], [engine[lv]["tok_s"] for lv in levels], 0.4, label="engine in process")
+    left.bar([i + 0.2 for i in x], [stack[lv]["tok_s"] for lv in levels], 0.4, label="whole stack over HTTP")
+    left.set_xticks(list(x), [str(lv) for lv in levels])
+    left.set_xlabel("concurrent requests")
+    left.set_ylabel("output tokens/s")
+    left.legend(fontsize=8)
+    ratios = [stack[lv]["tok_s"] / engine[lv]["tok_s"] for lv in levels]
+    right.bar(list(x), ratios, 0.5, color="tab:green")
+    right.axhline(0.95, color="tab:red", linestyle="--", label="target at c=32")
+    right.set_xticks(list(x), [str(lv) for lv in levels])
+    right.set_ylim(0, 1.1)
+    right.set_xlabel("concurrent requests")
+    right.set_ylabel("throughput ratio (stack / engine)")
+    right.legend(fontsize=8)
+    fig.suptitle(f"Framework overhead ({args.max_tokens} output tokens, Ray mode {args.ray_mode}, 2-core CPU)")
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"{args.name}.png", dpi=110)
 
 
 if __name__ == "__main__":

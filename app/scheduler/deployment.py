@@ -210,13 +210,20 @@ class InFlightLimits:
     """Adaptive batching: one feedback controller per replica (app.scheduler.control) sets how many
     requests that replica should have in flight to hold the p95 TTFT/ITL SLOs; the admission queue's
     concurrency is the sum over replicas seen recently. A replica is known once it has served a
-    request; one silent for `forget_after_s` (gone, or scaled down) no longer counts."""
+    request; one silent for `forget_after_s` (gone, or scaled down) no longer counts.
+
+    A new controller starts at the engine's batch capacity (`engine.max_running_requests`, within
+    the min/max limits): the engine is built to run that many at once, and the controller backs
+    off at once if the SLOs break. Starting low instead throttled every cold start: at 32 clients
+    and a start of 16, half of them queued here until 64 requests had completed."""
 
     forget_after_s = 60.0
 
     def __init__(self, admission: AdmissionQueue, settings: AppSettings):
         self.admission = admission
         self.cfg = settings.scheduler
+        self.initial_limit = min(max(self.cfg.min_in_flight_per_replica, settings.engine.max_running_requests),
+                                 max(self.cfg.min_in_flight_per_replica, self.cfg.max_in_flight_per_replica))
         self.controllers: dict[str, AdaptiveConcurrency] = {}
         self.last_seen: dict[str, float] = {}
 
@@ -235,7 +242,7 @@ class InFlightLimits:
                 self.cfg.slo_itl_ms,
                 min_limit=self.cfg.min_in_flight_per_replica,
                 max_limit=max(self.cfg.min_in_flight_per_replica, self.cfg.max_in_flight_per_replica),
-                initial=self.cfg.min_in_flight_per_replica * 2,
+                initial=self.initial_limit,
             )
         per_replica = self.admission.in_flight // max(1, len(self.controllers))  # an estimate
         controller.observe(ttft_ms, itl_ms, in_flight=per_replica)

@@ -66,3 +66,27 @@ def test_never_leaves_its_bounds_and_rejects_bad_settings() -> None:
         AdaptiveConcurrency(slo_ttft_ms=0, slo_itl_ms=10, min_limit=1, max_limit=2, initial=1)
     with pytest.raises(ValueError):
         AdaptiveConcurrency(slo_ttft_ms=1, slo_itl_ms=10, min_limit=5, max_limit=2, initial=1)
+
+
+def test_a_new_replica_starts_at_the_engines_batch_capacity_not_throttled():
+    """Cold start: the first completion creates the replica's controller; admission must then allow
+    the engine's max_running_requests, not a small fraction of it (which queued half of 32 clients)."""
+    import time
+
+    from app.config import AppSettings
+    from app.protocol import GenerateOutput
+    from app.scheduler.admission import AdmissionQueue
+    from app.scheduler.deployment import InFlightLimits
+
+    settings = AppSettings.from_args({"engine": {"max_running_requests": 48},
+                                      "scheduler": {"min_in_flight_per_replica": 8, "max_in_flight_per_replica": 256}})
+    admission = AdmissionQueue(max_queue=100, max_concurrent=256, max_queue_wait_s=30.0)
+    limits = InFlightLimits(admission, settings)
+    now = time.time()
+    limits.observe(GenerateOutput(rid="a", completion_tokens=4, first_token_time=now - 0.2, served_by="r1"),
+                   admitted_at=now - 0.3)
+    assert limits.stats() == {"r1": 48}
+    assert admission.max_concurrent == 48
+    # and the settings still bound it: a capacity above max_in_flight_per_replica is clipped
+    settings.scheduler.max_in_flight_per_replica = 32
+    assert InFlightLimits(admission, settings).initial_limit == 32
