@@ -62,12 +62,12 @@ def engine_side(engine, max_tokens: int):
     return one
 
 
-def stack_side(client, base: str, max_tokens: int):
+def stack_side(session, base: str, max_tokens: int):
     """One streamed /v1/completions through the whole stack: (TTFT s, completion tokens)."""
 
     async def one(ids: list[int]) -> tuple[float, int]:
-        t = await stream_completion(client, base, {"model": MODEL, "prompt": ids, "max_tokens": max_tokens,
-                                                   "temperature": 0, "ignore_eos": True})
+        t = await stream_completion(session, base, {"model": MODEL, "prompt": ids, "max_tokens": max_tokens,
+                                                    "temperature": 0, "ignore_eos": True})
         return t.ttft_s, t.tokens
 
     return one
@@ -77,17 +77,17 @@ async def run_interleaved(base: str, levels, prompts, max_tokens: int, rounds: i
     """Both sides in this process, alternating round by round at each level, so that both see the
     same machine (a shared 2-core VM drifts by tens of percent over minutes). Each round of a level
     uses its own prompts on both sides, and the same prompts on each side."""
-    import httpx
+    import aiohttp
 
     from app.config import EngineSettings, ModelSettings
     from app.engines.embedded import EmbeddedEngine
 
     engine = EmbeddedEngine(ModelSettings(cache_dir=CACHE_DIR), EngineSettings(**ENGINE))
     await engine.start()
-    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    connector = aiohttp.TCPConnector(limit=64)
     try:
-        async with httpx.AsyncClient(timeout=300, limits=limits) as client:
-            sides = {"engine": engine_side(engine, max_tokens), "stack": stack_side(client, base, max_tokens)}
+        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as session:
+            sides = {"engine": engine_side(engine, max_tokens), "stack": stack_side(session, base, max_tokens)}
             warm = make_prompts(WARMUP[1], len(next(iter(prompts.values()))[0]), seed=999)
             for one in sides.values():
                 await closed_loop(lambda i, one=one: one(warm[i]), WARMUP[0], WARMUP[1])
