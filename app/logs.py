@@ -114,7 +114,7 @@ class RequestTrace:
         """Count and log the request once its body has gone out; returns the response."""
         body = getattr(response, "body_iterator", None)
         if body is None:
-            self._complete(response.status_code, disconnected=False)
+            self.complete(response.status_code, disconnected=False)
             return response
         response.body_iterator = self._watch(body, response.status_code)
         return response
@@ -126,7 +126,7 @@ class RequestTrace:
                 yield chunk
             sent_all = True
         finally:
-            self._complete(status, disconnected=not sent_all)
+            self.complete(status, disconnected=not sent_all)
 
     def endpoint(self, status: int) -> str:
         route = self.scope.get("route")
@@ -135,7 +135,8 @@ class RequestTrace:
             return path
         return "unmatched" if status == 404 else self.path  # unknown paths: one label, not one each
 
-    def _complete(self, status: int, disconnected: bool) -> None:
+    def complete(self, status: int, disconnected: bool) -> None:
+        """Count and log the request, once (a middleware that watches `send` calls this itself)."""
         if self.done:
             return
         self.done = True

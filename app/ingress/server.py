@@ -123,30 +123,65 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
 # -- request middleware ----------------------------------------------------------------------------
 
 
-@api.middleware("http")
-async def _request_context(request: Request, call_next):
-    # Serve's proxy accepts X-Request-Id (or makes one) and returns it on the response itself.
-    request.state.request_id = request.headers.get("x-request-id") or _serve_request_id()
-    request.state.started = time.monotonic()
-    trace = start_request_trace(request)  # metrics + one JSON log line per request (app.logs)
-    gateway = _Current.gateway
-    limit = gateway.settings.ingress.max_request_bytes if gateway else 4 * 1024 * 1024
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        return trace.finish(_error_response(
-            PayloadTooLargeError(f"the request body has {length} bytes; the limit is {limit}"), request
-        ))
-    auth = _Current.auth
-    if auth is not None and auth.requires_key(_route_path(request)):
+class RequestContext:
+    """Request id, API-key auth, body-size limit, metrics and the request log, around every request.
+
+    A plain ASGI middleware, not Starlette's BaseHTTPMiddleware: that one runs the app in a second
+    task and passes every streamed body chunk through an in-memory channel between the two, a cost
+    paid per SSE event on the hot path. Here the app runs in the request's own task and `send` is
+    only watched (status, and whether the last body chunk went out)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        # Serve's proxy accepts X-Request-Id (or makes one) and returns it on the response itself.
+        request.state.request_id = request.headers.get("x-request-id") or _serve_request_id()
+        request.state.started = time.monotonic()
+        trace = start_request_trace(request)  # metrics + one JSON log line per request (app.logs)
+        refusal = self._refusal(request)
+        if refusal is not None:
+            await trace.finish(_error_response(refusal, request))(scope, receive, send)
+            return
+        outcome = {"status": 500, "complete": False}
+
+        async def watched_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                outcome["status"] = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                outcome["complete"] = True
+            await send(message)
+
         try:
-            key = auth.authenticate(request.headers.get("authorization"), request.headers.get("x-api-key"))
-        except APIError as error:
-            return trace.finish(_error_response(error, request))
-        request.state.key_id = request.state.tenant = key.id
-        request.state.priority = key.priority
-        request.state.max_priority = key.max_priority
-    response = await call_next(request)
-    return trace.finish(response)
+            await self.app(scope, receive, watched_send)
+        finally:
+            trace.complete(outcome["status"], disconnected=not outcome["complete"])
+
+    @staticmethod
+    def _refusal(request: Request) -> APIError | None:
+        """Why the request is refused before it reaches a route (too large, no valid key), if it is."""
+        gateway = _Current.gateway
+        limit = gateway.settings.ingress.max_request_bytes if gateway else 4 * 1024 * 1024
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            return PayloadTooLargeError(f"the request body has {length} bytes; the limit is {limit}")
+        auth = _Current.auth
+        if auth is not None and auth.requires_key(_route_path(request)):
+            try:
+                key = auth.authenticate(request.headers.get("authorization"), request.headers.get("x-api-key"))
+            except APIError as error:
+                return error
+            request.state.key_id = request.state.tenant = key.id
+            request.state.priority = key.priority
+            request.state.max_priority = key.max_priority
+        return None
+
+
+api.add_middleware(RequestContext)
 
 
 def _route_path(request: Request) -> str:
