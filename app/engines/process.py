@@ -10,7 +10,8 @@ So the replica keeps the I/O and the engine gets a process, and a GIL, of its ow
 How. `python -m app.engines.process FD` over one socketpair (multiprocessing's Connection framing,
 pickled tuples). The replica sends `gen` / `cancel` / `abort` / `call` / `stop`; the child sends one
 `out` message per burst of outputs (every request's increment of an engine step travels together,
-with the engine's stats), `stats` when only the stats changed, and `reply` for calls. The child
+with the engine's stats), `stats` when only the stats changed, and `reply` for calls (with the
+stats as the call left them, so that a caller who saw a flush finish sees an empty cache). The child
 reads with `loop.add_reader`; the replica with a reader thread that wakes the event loop once per
 message (an engine step), not once per token. If the replica
 dies, the child reads EOF and exits; if the child dies, every open stream fails with EngineError
@@ -257,8 +258,8 @@ class ProcessEngine(Engine):
                 _call_soon(loop, _deliver, deliveries)
         elif kind == "stats":
             self._stats = message[1]
-        elif kind == "reply":
-            _, call_id, ok, value = message
+        elif kind == "reply":  # with the stats as they are after the call (a flush empties the KV)
+            _, call_id, ok, value, self._stats = message
             call = self._calls.get(call_id)
             if call is not None:
                 _call_soon(call[0], _settle, call[1], ok, value)
@@ -355,15 +356,18 @@ class _EngineHost:
     def flush(self) -> None:
         self.flush_scheduled = False
         items, self.outbox = self.outbox, []
-        self.sent_stats = self.engine.stats()
-        self.send(("out", items, self.sent_stats))
+        self.send(("out", items, self.fresh_stats()))
 
     async def call(self, call_id: int, name: str, args: tuple) -> None:
         try:
             value = await getattr(self.engine, name)(*args)
-            self.send(("reply", call_id, True, value))
+            self.send(("reply", call_id, True, value, self.fresh_stats()))
         except BaseException as e:  # noqa: BLE001 - the caller raises it
-            self.send(("reply", call_id, False, _picklable(e)))
+            self.send(("reply", call_id, False, _picklable(e), self.fresh_stats()))
+
+    def fresh_stats(self) -> EngineStats:
+        self.sent_stats = self.engine.stats()
+        return self.sent_stats
 
     async def publish_stats(self) -> None:
         while True:

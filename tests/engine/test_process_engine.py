@@ -101,3 +101,11 @@ async def test_a_start_failure_is_raised_in_the_replica(tmp_path):
         await eng.start()
     assert "no-such-model" in str(info.value)
     assert eng._proc is not None and eng._proc.poll() is not None  # the child did not linger
+
+
+async def test_stats_are_fresh_when_a_flush_returns(engine):
+    await generate_all(engine, GenerateRequest(text="fill the cache a little",
+                                               sampling=SamplingParams(max_new_tokens=4)))
+    assert engine.stats().num_used_tokens > 0
+    assert await engine.flush_cache() is True
+    assert engine.stats().num_used_tokens == 0  # no wait for the periodic stats message
