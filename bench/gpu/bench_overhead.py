@@ -48,9 +48,6 @@ from app.config import AppSettings  # noqa: E402
 from app.protocol import GenerateRequest, SamplingParams  # noqa: E402
 from app.streaming import coalesce  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from app.streaming import coalesce as coalesce_lean  # noqa: E402  (the candidate, since adopted)
-
 LLAMA_8B_SHAPE = {
     "architectures": ["LlamaForCausalLM"],
     "model_type": "llama",
@@ -107,12 +104,11 @@ class Paths:
     bare     sglang.Engine.async_generate(stream=True), consumed chunk by chunk
     ours     GenerateRequest -> SGLangEngine.generate -> app.streaming.coalesce (the replica path)
     adapter  GenerateRequest -> SGLangEngine.generate, no coalescing (the adapter's own cost)
-    lean     the adapter -> the cheaper coalescer measured here, since adopted as app.streaming.coalesce
     si4      the adapter asking SGLang to coalesce (stream_interval=4: first token at once, then
              every 4) -> app.streaming.coalesce
     """
 
-    VARIANTS = ("bare", "ours", "adapter", "lean", "si4")
+    VARIANTS = ("bare", "ours", "adapter", "si4")
 
     def __init__(self, engine: Any, settings: AppSettings):
         self.engine = engine
@@ -166,12 +162,6 @@ class Paths:
     async def adapter(self, ids: list[int], sp: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
         return await self._consume(t0, self.engine.generate(self._request(ids, sp)))
-
-    async def lean(self, ids: list[int], sp: dict[str, Any]) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        stream = coalesce_lean(self.engine.generate(self._request(ids, sp)),
-                               max_tokens=self.chunk_tokens, interval_s=self.interval_s)
-        return await self._consume(t0, stream)
 
     async def si4(self, ids: list[int], sp: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -228,7 +218,7 @@ def pct(values: list[float], q: float) -> float:
 async def single_latency(paths: Paths, reps: int, lin: int, lout: int) -> dict:
     rng = random.Random(9)
     sp = {"max_new_tokens": lout, "ignore_eos": True, "temperature": 0.0}
-    names = ("bare", "ours", "lean", "si4")
+    names = ("bare", "ours", "si4")
     samples: dict[str, list[dict]] = {name: [] for name in names}
     order = [name for rep in range(reps) for name in (names if rep % 2 == 0 else names[::-1])]
     for name in tqdm(order, desc="single-request latency", unit="req"):
@@ -299,7 +289,6 @@ LABELS = {
     "bare": "bare sglang.Engine",
     "ours": "sglserve replica path (adapter + app.streaming.coalesce)",
     "adapter": "adapter alone (no coalescing)",
-    "lean": "adapter + candidate lean coalescer",
     "si4": "adapter with SGLang stream_interval=4 + app.streaming.coalesce",
 }
 
