@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 STATS_PERIOD_S = 0.05  # how fresh the replica's view of the engine's stats is while nothing streams
 STOP_TIMEOUT_S = 30.0
+NOT_STARTED = "the engine is not started (await engine.start() first)"
 
 
 class ProcessEngine(Engine):
@@ -192,13 +193,13 @@ class ProcessEngine(Engine):
 
     def model_info(self) -> ModelInfo:
         if self._model_info is None:
-            raise EngineError("the engine is not started (await engine.start() first)")
+            raise EngineError(NOT_STARTED)
         return self._model_info
 
     @property
     def tokenizer(self) -> Tokenizer:
         if self._tokenizer is None:
-            raise EngineError("the engine is not started (await engine.start() first)")
+            raise EngineError(NOT_STARTED)
         return self._tokenizer
 
     def server_args(self) -> dict[str, Any]:
@@ -210,7 +211,7 @@ class ProcessEngine(Engine):
         if self._gone is not None:
             raise EngineError(self._gone)
         if self._conn is None:
-            raise EngineError("the engine is not started (await engine.start() first)")
+            raise EngineError(NOT_STARTED)
         try:
             with self._send_lock:
                 self._conn.send(message)

@@ -163,7 +163,8 @@ class RequestContext:
 
     @staticmethod
     def _refusal(request: Request) -> APIError | None:
-        """Why the request is refused before it reaches a route (too large, no valid key), if it is."""
+        """Why the request is refused before it reaches a route (too large, no valid key), if it is;
+        an accepted API key is recorded on `request.state` (tenant, priorities) on the way."""
         gateway = _Current.gateway
         limit = gateway.settings.ingress.max_request_bytes if gateway else 4 * 1024 * 1024
         length = request.headers.get("content-length")

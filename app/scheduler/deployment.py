@@ -222,8 +222,9 @@ class InFlightLimits:
     def __init__(self, admission: AdmissionQueue, settings: AppSettings):
         self.admission = admission
         self.cfg = settings.scheduler
+        self.max_limit = max(self.cfg.min_in_flight_per_replica, self.cfg.max_in_flight_per_replica)
         self.initial_limit = min(max(self.cfg.min_in_flight_per_replica, settings.engine.max_running_requests),
-                                 max(self.cfg.min_in_flight_per_replica, self.cfg.max_in_flight_per_replica))
+                                 self.max_limit)
         self.controllers: dict[str, AdaptiveConcurrency] = {}
         self.last_seen: dict[str, float] = {}
 
@@ -241,7 +242,7 @@ class InFlightLimits:
                 self.cfg.slo_ttft_ms,
                 self.cfg.slo_itl_ms,
                 min_limit=self.cfg.min_in_flight_per_replica,
-                max_limit=max(self.cfg.min_in_flight_per_replica, self.cfg.max_in_flight_per_replica),
+                max_limit=self.max_limit,
                 initial=self.initial_limit,
             )
         per_replica = self.admission.in_flight // max(1, len(self.controllers))  # an estimate
