@@ -199,3 +199,21 @@ async def test_stats_track_load_and_totals(tiny_model_path):
         after = eng.stats()
         assert after.num_running == 0 and after.requests_aborted_total == 1
         assert after.outstanding_tokens == 0 and after.generation_tokens_total >= 1
+
+
+def test_a_step_batch_moves_to_the_models_device_whole():
+    """The scheduler builds each step's batch on the host; a CUDA model indexes its KV pool with
+    it, so every index tensor must follow (a CPU index on a CUDA pool failed the first GPU run).
+    The meta device stands in for CUDA here; tests/gpu runs the engine on a real GPU."""
+    from app.engines.embedded.model_runner import ForwardBatch, PrefillSpan
+
+    host = ForwardBatch(input_ids=torch.tensor([5, 6, 7]), positions=torch.tensor([3, 0, 1]),
+                        out_slots=torch.tensor([10, 11, 12]), decode_rows=torch.tensor([0]),
+                        decode_kv_lens=torch.tensor([4]), prefills=[PrefillSpan(1, 2, 1, 0)],
+                        logit_indices=torch.tensor([0, 2]))
+    assert host.to(torch.device("cpu")) is host  # nothing to copy on CPU
+    moved = host.to(torch.device("meta"))
+    tensors = ("input_ids", "positions", "out_slots", "decode_rows", "decode_kv_lens", "logit_indices")
+    assert all(getattr(moved, name).device.type == "meta" for name in tensors)
+    assert all(getattr(moved, name).shape == getattr(host, name).shape for name in tensors)
+    assert moved.prefills == host.prefills and moved.num_decode == 1

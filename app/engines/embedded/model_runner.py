@@ -60,6 +60,16 @@ class ForwardBatch:
     def num_decode(self) -> int:
         return int(self.decode_rows.numel())
 
+    def to(self, device: torch.device) -> "ForwardBatch":
+        """The batch on `device`: the scheduler builds it on the host; a GPU model needs its
+        indices next to its KV pool (no-op on CPU)."""
+        if self.input_ids.device == device:
+            return self
+        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        return ForwardBatch(move(self.input_ids), move(self.positions), move(self.out_slots),
+                            move(self.decode_rows), move(self.decode_kv_lens), self.prefills,
+                            None if self.logit_indices is None else move(self.logit_indices))
+
 
 @dataclass
 class FusedWeights:
@@ -148,6 +158,7 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv: KVPool, req_to_token: ReqToTokenPool) -> torch.Tensor:
         """Run one step; write the new K/V; return float32 logits for `batch.logit_indices`."""
+        batch = batch.to(self.device)
         T = batch.input_ids.numel()
         hidden = self.embed(batch.input_ids)  # [T, H]
         cos, sin = self.rotary(hidden, batch.positions[None])  # [1, T, D]
