@@ -38,8 +38,9 @@ def machine() -> str:
         ray_version = ray.__version__
     except ImportError:
         ray_version = "n/a"
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
     return (
-        f"{cpu}, {os.cpu_count()} cores, {mem_gib:.0f} GiB RAM, {platform.system()} {platform.release()}, "
+        f"{cpu}, {os.cpu_count()} cores, {mem_gib:.0f} GiB RAM{gpu}, {platform.system()} {platform.release()}, "
         f"Python {platform.python_version()}, torch {torch.__version__}, Ray {ray_version}; "
         f"load average at start {load:.1f}"
     )
@@ -75,21 +76,22 @@ def write_result(name: str, markdown: str) -> Path:
 THROUGHPUT_MODE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
 
 
-def start_ray_serve(throughput_optimized: bool = False, **ray_kwargs: Any) -> int:
+def start_ray_serve(throughput_optimized: bool = False, ingress_ports: int = 2, **ray_kwargs: Any) -> int:
     """Start a private local Ray cluster and Serve's HTTP proxy on a free loopback port; returns
     the port that serves HTTP.
 
     `throughput_optimized` turns on Ray Serve's own throughput mode (RAY_SERVE_THROUGHPUT_OPTIMIZED:
     the ingress replica serves HTTP itself, with no proxy hop; handles talk gRPC; user code and the
     router run on the replica's main loop). The Ingress then listens on the returned port (one
-    ingress replica per node), set through Serve's direct-ingress port range."""
+    ingress replica per node), set through Serve's direct-ingress port range, which holds
+    `ingress_ports` ports: each application's ingress takes the next free one (see deploy_app)."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     port = free_port()
     if throughput_optimized:
         os.environ.update(THROUGHPUT_MODE_ENV)
         os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(port)
-        os.environ["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] = str(port + 1)
+        os.environ["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] = str(port + ingress_ports - 1)
     import ray
     from ray import serve
 
@@ -108,9 +110,8 @@ def stop_ray_serve() -> None:
 
 
 def deploy_app(port: int, name: str, args: dict, replica_options: dict | None = None,
-               timeout_s: float = 300) -> str:
+               timeout_s: float = 300, ingress_ports: int = 1) -> str:
     """Deploy sglserve under /<name> and wait for /ready; returns its base URL."""
-    import httpx
     from ray import serve
 
     from app.config import AppSettings
@@ -120,14 +121,24 @@ def deploy_app(port: int, name: str, args: dict, replica_options: dict | None = 
     options = {"Ingress": small, "Scheduler": small,
                "ModelReplica": replica_options or {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}}
     serve.run(build(AppSettings.from_args(args), options), name=name, route_prefix=f"/{name}", blocking=False)
-    base = f"http://127.0.0.1:{port}/{name}"
+    return wait_ready(port, name, timeout_s, ingress_ports)
+
+
+def wait_ready(port: int, name: str, timeout_s: float = 300, ingress_ports: int = 1) -> str:
+    """Wait until the application under /<name> answers GET /ready with 200; returns its base URL.
+    In throughput mode each application's ingress has a port of its own in the range starting at
+    `port`, so each of the `ingress_ports` ports is tried."""
+    import httpx
+
+    bases = [f"http://127.0.0.1:{p}/{name}" for p in range(port, port + ingress_ports)]
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/ready", timeout=60).status_code == 200:
-                return base
-        except httpx.HTTPError:
-            pass
+        for base in bases:
+            try:
+                if httpx.get(f"{base}/ready", timeout=60).status_code == 200:
+                    return base
+            except httpx.HTTPError:
+                pass
         time.sleep(1)
     raise RuntimeError(f"{name} did not become ready in {timeout_s:.0f}s")
 

@@ -37,6 +37,8 @@ from bench.common import (
 CACHE_DIR = ".cache/models"
 WARMUP = (4, 8)  # (concurrency, requests) run first on each side and not reported
 ENGINE = {"kind": "embedded", "max_total_tokens": 32768, "torch_threads": 1, "max_running_requests": 64}
+# With --device cuda, the replicas of all applications deployed share the one GPU.
+GPU_SHARE = 0.25
 
 
 def make_prompts(n: int, length: int, seed: int = 0) -> list[list[int]]:
@@ -73,40 +75,48 @@ def stack_side(session, base: str, max_tokens: int):
     return one
 
 
-async def run_interleaved(base: str, levels, prompts, max_tokens: int, rounds: int) -> tuple[dict, dict]:
-    """Both sides in this process, alternating round by round at each level, so that both see the
-    same machine (a shared 2-core VM drifts by tens of percent over minutes). Each round of a level
-    uses its own prompts on both sides, and the same prompts on each side."""
+async def run_interleaved(bases: dict[str, str], levels, prompts, max_tokens: int, rounds: int,
+                          device: str = "cpu") -> dict[str, dict]:
+    """The in-process engine ("engine") and one HTTP side per entry of `bases` (name -> base URL),
+    all in this process, alternating round by round at each level (the order rotates each round),
+    so that all see the same machine (a shared 2-core VM drifts by tens of percent over minutes).
+    Each round of a level uses its own prompts, the same on every side. Returns, per side, a
+    summary per level."""
     import aiohttp
 
     from app.config import EngineSettings, ModelSettings
     from app.engines.embedded import EmbeddedEngine
 
-    engine = EmbeddedEngine(ModelSettings(cache_dir=CACHE_DIR), EngineSettings(**ENGINE))
+    engine = EmbeddedEngine(ModelSettings(cache_dir=CACHE_DIR), EngineSettings(**{**ENGINE, "device": device}))
     await engine.start()
     connector = aiohttp.TCPConnector(limit=64)
     try:
         async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as session:
-            sides = {"engine": engine_side(engine, max_tokens), "stack": stack_side(session, base, max_tokens)}
+            sides = {"engine": engine_side(engine, max_tokens)}
+            sides.update({name: stack_side(session, base, max_tokens) for name, base in bases.items()})
+            names = list(sides)
             warm = make_prompts(WARMUP[1], len(next(iter(prompts.values()))[0]), seed=999)
             for one in sides.values():
                 await closed_loop(lambda i, one=one: one(warm[i]), WARMUP[0], WARMUP[1])
-            results: dict[str, dict[int, dict]] = {"engine": {}, "stack": {}}
+            results: dict[str, dict[int, dict]] = {name: {} for name in names}
             steps = [(level, count, r) for level, count in levels for r in range(rounds)]
-            for level, count, r in tqdm(steps, desc="rounds (engine, stack)"):
+            for level, count, r in tqdm(steps, desc=f"rounds ({', '.join(names)})"):
                 per_round = max(level, count // rounds)
                 batch = prompts[level][r * per_round:(r + 1) * per_round] or prompts[level][:per_round]
-                order = ("engine", "stack") if r % 2 == 0 else ("stack", "engine")
-                for side in order:
+                for side in names[r % len(names):] + names[:r % len(names)]:
                     outs, wall = await closed_loop(lambda i, b=batch, one=sides[side]: one(b[i]), level, len(batch))
                     acc = results[side].setdefault(level, {"outs": [], "wall": 0.0, "round_tok_s": []})
                     acc["outs"] += outs
                     acc["wall"] += wall
                     acc["round_tok_s"].append(sum(n for _, n in outs) / wall)
-            return ({lv: summarize(a) for lv, a in results["engine"].items()},
-                    {lv: summarize(a) for lv, a in results["stack"].items()})
+            return {name: {lv: summarize(a) for lv, a in per_level.items()} for name, per_level in results.items()}
     finally:
         await engine.shutdown()
+
+
+def replica_options(device: str) -> dict:
+    gpus = {"num_gpus": GPU_SHARE} if device == "cuda" else {}
+    return {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5, **gpus}}
 
 
 def summarize(acc: dict) -> dict:
@@ -127,7 +137,7 @@ def report(engine: dict, stack: dict, args: argparse.Namespace, scheduler: dict)
         f"Machine: {machine()}",
         "",
         f"Workload: prompts of {args.prompt_len} random token ids, {args.max_tokens} output tokens each "
-        "(ignore_eos, greedy), closed loop; the engine has 1 torch thread on both sides.",
+        f"(ignore_eos, greedy), closed loop; the engine runs on {args.device} with 1 torch thread on both sides.",
         f"Stack = {path} -> Scheduler -> ModelReplica -> engine, streaming SSE; Ray mode `{args.ray_mode}`; "
         f"scheduler settings: {scheduler}.",
         f"Both sides run in one process, alternating in {args.rounds} rounds per level (engine first in even "
@@ -158,6 +168,7 @@ def main() -> None:
     parser.add_argument("--stream-interval-ms", type=float, default=None, help="override the setting")
     parser.add_argument("--max-stream-interval-ms", type=float, default=None, help="override the setting")
     parser.add_argument("--name", default="overhead", help="results file name")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the engine runs (both sides)")
     parser.add_argument("--ray-mode", choices=["default", "throughput"], default="throughput",
                         help="Ray Serve's default mode (HTTP proxy) or its throughput mode (direct ingress)")
     args = parser.parse_args()
@@ -172,9 +183,11 @@ def main() -> None:
             scheduler["stream_interval_ms"] = args.stream_interval_ms
         if args.max_stream_interval_ms is not None:
             scheduler["max_stream_interval_ms"] = args.max_stream_interval_ms
-        args_app = {"model": {"cache_dir": CACHE_DIR}, "engine": ENGINE, "scheduler": scheduler}
-        base = deploy_app(port, "overhead", args_app)
-        engine, stack = asyncio.run(run_interleaved(base, levels, prompts, args.max_tokens, args.rounds))
+        args_app = {"model": {"cache_dir": CACHE_DIR}, "engine": {**ENGINE, "device": args.device}, "scheduler": scheduler}
+        base = deploy_app(port, "overhead", args_app, replica_options=replica_options(args.device))
+        results = asyncio.run(run_interleaved({"stack": base}, levels, prompts, args.max_tokens, args.rounds,
+                                              args.device))
+        engine, stack = results["engine"], results["stack"]
     finally:
         stop_ray_serve()
     text = report(engine, stack, args, scheduler)
