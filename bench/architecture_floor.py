@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from bench.common import (
     RESULTS,
+    closed_loop,
     free_port,
     machine,
     percentile,
@@ -63,22 +64,18 @@ async def paced_items(n: int):
 
 async def timed_streams(open_stream, concurrency: int, total: int) -> tuple[float, float]:
     """Run `total` streams, `concurrency` at a time: (time-to-first-item p50 in ms, items/s)."""
-    firsts: list[float] = []
-    counter = iter(range(total))
 
-    async def worker() -> None:
-        for _ in counter:
-            started, first, items = time.perf_counter(), None, 0
-            async for _item in open_stream():
-                items += 1
-                if first is None:
-                    first = time.perf_counter() - started
-            assert items == ITEMS, f"a stream gave {items} of {ITEMS} items"
-            firsts.append(first)
+    async def first_item_s(_: int) -> float:
+        started, first, items = time.perf_counter(), None, 0
+        async for _item in open_stream():
+            items += 1
+            if first is None:
+                first = time.perf_counter() - started
+        assert items == ITEMS, f"a stream gave {items} of {ITEMS} items"
+        return first
 
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return percentile(firsts, 50) * 1000, total * ITEMS / (time.perf_counter() - started)
+    firsts, wall = await closed_loop(first_item_s, concurrency, total)
+    return percentile(firsts, 50) * 1000, total * ITEMS / wall
 
 
 # Plain TCP: each process a line-protocol server; a "go" line starts ITEMS lines back, then "end".

@@ -22,7 +22,7 @@ rejected with an error that names the architecture.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -56,6 +56,8 @@ class ForwardBatch:
     prefills: list[PrefillSpan] = field(default_factory=list)
     logit_indices: torch.Tensor | None = None  # [N] token indices whose logits are wanted
 
+    INDEX_TENSORS = ("input_ids", "positions", "out_slots", "decode_rows", "decode_kv_lens", "logit_indices")
+
     @property
     def num_decode(self) -> int:
         return int(self.decode_rows.numel())
@@ -65,10 +67,9 @@ class ForwardBatch:
         indices next to its KV pool (no-op on CPU)."""
         if self.input_ids.device == device:
             return self
-        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-        return ForwardBatch(move(self.input_ids), move(self.positions), move(self.out_slots),
-                            move(self.decode_rows), move(self.decode_kv_lens), self.prefills,
-                            None if self.logit_indices is None else move(self.logit_indices))
+        moved = {name: getattr(self, name).to(device, non_blocking=True) for name in self.INDEX_TENSORS
+                 if getattr(self, name) is not None}
+        return replace(self, **moved)
 
 
 @dataclass
