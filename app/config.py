@@ -105,6 +105,16 @@ class IngressSettings(_Section):
     access_log: bool = False
 
 
+class PlaygroundSettings(_Section):
+    """The browser playground at `/` and its `GET /stream` (EventSource) route."""
+
+    enabled: bool = True
+    stream_token_ttl_s: float = Field(300.0, gt=0)  # lifetime of a POST /v1/stream_tokens token
+    # Environment variable holding the HMAC secret that signs stream tokens; set it when there
+    # are several Ingress replicas. None: a random secret per Ingress process.
+    stream_token_secret_env: str | None = None
+
+
 class AppSettings(_Section):
     model: ModelSettings = Field(default_factory=ModelSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
@@ -113,6 +123,7 @@ class AppSettings(_Section):
     run: RunSettings = Field(default_factory=RunSettings)  # /run: limits and registered functions
     security: SecuritySettings = Field(default_factory=SecuritySettings)  # API keys
     observability: ObservabilitySettings = Field(default_factory=ObservabilitySettings)
+    playground: PlaygroundSettings = Field(default_factory=PlaygroundSettings)  # browser page, /stream
 
     @classmethod
     def from_args(cls, args: dict[str, Any] | None) -> "AppSettings":

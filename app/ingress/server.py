@@ -25,6 +25,7 @@ from app.security import Authenticator
 from app.ingress.native_api import native_router
 from app.ingress.openai_api import openai_router
 from app.ingress.run_api import run_router
+from app.ingress.playground_api import is_browser_path, playground_router
 from app.logs import configure_ingress_observability, start_request_trace
 
 logger = logging.getLogger("sglserve.ingress")
@@ -50,6 +51,7 @@ def gateway_of(request: Request) -> Gateway:
 api.include_router(openai_router(gateway_of))
 api.include_router(native_router(gateway_of))
 api.include_router(run_router(gateway_of))
+api.include_router(playground_router(gateway_of, lambda: _Current.auth))
 
 
 # -- errors ----------------------------------------------------------------------------------------
@@ -171,7 +173,9 @@ class RequestContext:
         if length is not None and length.isdigit() and int(length) > limit:
             return PayloadTooLargeError(f"the request body has {length} bytes; the limit is {limit}")
         auth = _Current.auth
-        if auth is not None and auth.requires_key(_route_path(request)):
+        path = _route_path(request)
+        # The playground's page and files are public; its /stream checks a signed token itself.
+        if auth is not None and auth.requires_key(path) and not is_browser_path(path):
             try:
                 key = auth.authenticate(request.headers.get("authorization"), request.headers.get("x-api-key"))
             except APIError as error:
