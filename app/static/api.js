@@ -1,6 +1,9 @@
 // Talking to sglserve from the page: the API key (session storage only), JSON errors, SSE over fetch.
 
 const KEY_STORAGE = "sglserve.apiKey";
+// API paths are relative to the page, so the playground also works under a route prefix.
+const BASE = location.pathname.endsWith("/") ? location.pathname : `${location.pathname}/`;
+export const apiUrl = (path) => BASE + path.replace(/^\//, "");
 
 export function apiKey() {
   return sessionStorage.getItem(KEY_STORAGE) || "";
@@ -37,7 +40,7 @@ export async function errorFrom(response) {
 }
 
 export async function getJSON(path) {
-  const response = await fetch(path, { headers: headers(false) });
+  const response = await fetch(apiUrl(path), { headers: headers(false) });
   if (!response.ok) throw await errorFrom(response);
   return response.json();
 }
@@ -45,7 +48,7 @@ export async function getJSON(path) {
 // POST a JSON body and yield each server-sent event's parsed data until [DONE].
 // Aborting `signal` closes the connection, and the server aborts the request in the engine.
 export async function* postSSE(path, body, signal) {
-  const response = await fetch(path, { method: "POST", headers: headers(), body: JSON.stringify(body), signal });
+  const response = await fetch(apiUrl(path), { method: "POST", headers: headers(), body: JSON.stringify(body), signal });
   if (!response.ok) throw await errorFrom(response);
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";

@@ -30,6 +30,7 @@ function requestBody() {
     max_tokens: Number($("max-tokens").value),
     temperature: Number($("temperature").value),
     top_p: Number($("top-p").value),
+    ignore_eos: $("ignore-eos").checked,
     stream: true,
     stream_options: { include_usage: true },
   };
