@@ -130,3 +130,37 @@ def test_run_tab_shows_variables_and_a_caret_under_a_syntax_error(browser, ray_c
     gutter = source.index("| ") + 2
     assert source[gutter:] == 'A: {gen("answer", max_tokens=4}'
     assert caret.index("^") - gutter == column - 1  # the caret sits under the reported column
+
+
+# The brief's example, verbatim in spirit: EventSource appending e.data. The token comes from
+# POST /v1/stream_tokens (the key goes in a header, never in the URL). Returns the text, whether
+# `done` arrived, and the readyState once the server has refused the reconnect (2 = CLOSED).
+EVENT_SOURCE = """
+const [key, done] = [arguments[0], arguments[arguments.length - 1]];
+const minted = await fetch("v1/stream_tokens", {method: "POST", headers: {authorization: "Bearer " + key}});
+const {token} = await minted.json();
+let text = "", finished = false, opened = 0;
+const es = new EventSource("stream?max_tokens=24&temperature=0&prompt=" + encodeURIComponent("Hello there")
+                           + "&token=" + encodeURIComponent(token));
+es.onopen = () => { opened += 1; };
+es.onmessage = (e) => { text += e.data; };
+es.addEventListener("done", () => { finished = true; });  // not closed here: the server must stop it
+const started = performance.now();
+(function poll() {
+  if (es.readyState === 2 || performance.now() - started > 60000) done([text, finished, es.readyState, opened]);
+  else setTimeout(poll, 50);
+})();
+"""
+
+
+def test_event_source_streams_and_is_not_rerun_after_the_end(browser, ray_cluster, tiny_model_path):
+    import httpx
+
+    keyed = keyed_stack(ray_cluster)
+    browser.get(f"{keyed.base_url}/")
+    text, finished, state, opened = browser.execute_async_script(EVENT_SOURCE, API_KEY)
+    assert finished and state == 2 and opened == 1, (text, finished, state, opened)
+    same = httpx.post(f"{keyed.base_url}/v1/chat/completions", headers={"authorization": f"Bearer {API_KEY}"},
+                      timeout=60, json={"model": "sglserve/tiny-llama", "max_tokens": 24, "temperature": 0,
+                                        "messages": [{"role": "user", "content": "Hello there"}]})
+    assert text == same.json()["choices"][0]["message"]["content"]
