@@ -8,6 +8,7 @@ application. It records what arrived and when, so a test can count retries.
 from __future__ import annotations
 
 import http.server
+import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -17,9 +18,10 @@ import httpx
 
 @dataclass
 class Action:
-    kind: str  # "status" | "drop" | "proxy"
+    kind: str  # "status" | "json" | "drop" | "proxy"
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
+    body: object = None  # for "json": the body to answer
 
 
 class FlakyServer:
@@ -63,8 +65,10 @@ class FlakyServer:
             handler.close_connection = True
             handler.connection.shutdown(2)  # the request arrived; no answer ever comes
             return
-        if action.kind == "status":
+        if action.kind in ("status", "json"):
             payload = b'{"error": {"message": "scripted", "type": "overloaded_error", "param": null, "code": "scripted"}}'
+            if action.kind == "json":
+                payload = json.dumps(action.body).encode()
             handler.send_response(action.status)
             for name, value in {"content-type": "application/json", **action.headers}.items():
                 handler.send_header(name, value)

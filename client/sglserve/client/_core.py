@@ -183,6 +183,8 @@ def event_json(payload: str) -> dict[str, Any]:
         detail = event["error"]
         code = detail.get("code")
         status = code if isinstance(code, int) else _ERROR_TYPE_STATUS.get(detail.get("type"), 500)
+        if "line" in detail:  # a script error found while the program ran: the server's 422
+            status = 422
         raise error_from_body(status, event)
     return event
 
