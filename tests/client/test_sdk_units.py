@@ -78,7 +78,9 @@ def test_submit_wait_and_a_failed_job():
     with FlakyServer(UNUSED, answers) as server:
         client = Client(server.base_url, model="m")
         job = client.submit("/v1/chat/completions", {"model": "m", "messages": []}, callback_url="https://x.test/h")
-        assert job.status == "queued" and client.wait(job.id, timeout=30).status == "failed"
+        polled = []
+        assert job.status == "queued" and client.wait(job.id, timeout=30, on_poll=polled.append).status == "failed"
+        assert [j.status for j in polled] == ["failed"]
         with pytest.raises(JobFailedError) as caught:
             client.chat("hi")
     assert caught.value.job.status == "cancelled"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Generic, TypeVar
 
 import httpx
@@ -147,11 +147,14 @@ class AsyncClient:
     async def cancel_job(self, job_id: str) -> Job:
         return await self._call(_core.cancel_job_call(job_id))
 
-    async def wait(self, job_id: str, timeout: float | None = None, *, poll_interval_s: float = 0.5) -> Job:
+    async def wait(self, job_id: str, timeout: float | None = None, *, poll_interval_s: float = 0.5,
+                   on_poll: Callable[[Job], None] | None = None) -> Job:
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = poll_interval_s
         while True:
             job = await self.job(job_id)
+            if on_poll is not None:
+                on_poll(job)
             if job.done:
                 return job
             if deadline is not None and time.monotonic() + delay > deadline:

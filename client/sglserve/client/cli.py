@@ -153,8 +153,15 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+
+    def show(job: Any) -> None:  # a one-line status, redrawn while waiting
+        sys.stderr.write(f"\rjob {job.id}: {job.status} ({time.monotonic() - started:.0f} s)   ")
+        sys.stderr.flush()
+
     with _client(args) as client:
-        job = client.wait(args.job_id, args.wait_timeout_s)
+        job = client.wait(args.job_id, args.wait_timeout_s, on_poll=show)
+        sys.stderr.write("\n")
         print(json.dumps(job.model_dump(), indent=2, default=str))
     return 0 if job.status == "succeeded" else 1
 

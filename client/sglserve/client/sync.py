@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
 import httpx
@@ -151,12 +151,15 @@ class Client:
     def cancel_job(self, job_id: str) -> Job:
         return self._call(_core.cancel_job_call(job_id))
 
-    def wait(self, job_id: str, timeout: float | None = None, *, poll_interval_s: float = 0.5) -> Job:
+    def wait(self, job_id: str, timeout: float | None = None, *, poll_interval_s: float = 0.5,
+             on_poll: Callable[[Job], None] | None = None) -> Job:
         """Poll a job until it ends. Raises JobTimeoutError after `timeout` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = poll_interval_s
         while True:
             job = self.job(job_id)
+            if on_poll is not None:
+                on_poll(job)
             if job.done:
                 return job
             if deadline is not None and time.monotonic() + delay > deadline:
