@@ -11,10 +11,11 @@ function caretPad(line, column) {
   return " ".repeat(width);
 }
 
-export function caretExcerpt(script, line, column, reason) {
+// The script's line with a caret under the column, in the server's excerpt layout.
+export function caretExcerpt(script, line, column) {
   const text = (script.split("\n")[line - 1] || "").replace(/\t/g, " ");
   const gutter = `${String(line).padStart(4)} | `;
-  return `line ${line}, column ${column}: ${reason}\n${gutter}${text}\n${" ".repeat(gutter.length - 2)}| ${caretPad(text, column)}^`;
+  return `${gutter}${text}\n${" ".repeat(gutter.length - 2)}| ${caretPad(text, column)}^`;
 }
 
 function showScriptError(script, error) {
@@ -22,8 +23,12 @@ function showScriptError(script, error) {
   box.hidden = false;
   const d = error instanceof ApiError ? error.detail : null;
   if (d && d.line) {
-    const reason = d.message.split("\n")[0].replace(/^line \d+, column \d+: /, "");
-    box.textContent = caretExcerpt(script, d.line, d.column, reason);
+    const header = document.createElement("div");
+    header.textContent = d.message.split("\n")[0];  // "line L, column C: reason"
+    const excerpt = document.createElement("pre");
+    excerpt.className = "caret";
+    excerpt.textContent = caretExcerpt(script, d.line, d.column);
+    box.replaceChildren(header, excerpt);
     moveCursor(script, d.line, d.column);
   } else {
     box.textContent = describe(error);
@@ -33,6 +38,7 @@ function showScriptError(script, error) {
 function moveCursor(script, line, column) {
   const lines = script.split("\n");
   const offset = lines.slice(0, line - 1).reduce((n, l) => n + l.length + 1, 0) + column - 1;
+  $("script").focus();
   $("script").setSelectionRange(offset, offset + 1);
 }
 

@@ -130,6 +130,7 @@ def test_run_tab_shows_variables_and_a_caret_under_a_syntax_error(browser, ray_c
     gutter = source.index("| ") + 2
     assert source[gutter:] == 'A: {gen("answer", max_tokens=4}'
     assert caret.index("^") - gutter == column - 1  # the caret sits under the reported column
+    browser.save_screenshot(str(SCREENSHOT.with_name("playground_run.png")))
 
 
 # The brief's example, verbatim in spirit: EventSource appending e.data. The token comes from
