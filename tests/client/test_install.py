@@ -18,9 +18,12 @@ pytestmark = [pytest.mark.client_install, pytest.mark.serve]
 @pytest.fixture(scope="module")
 def client_venv(tmp_path_factory) -> Path:
     python = shutil.which("python3.11") or sys.executable
-    venv = tmp_path_factory.mktemp("client-venv") / "venv"
+    root = tmp_path_factory.mktemp("client-venv")
+    venv = root / "venv"
+    # A copy, so that the build leaves nothing behind in the repository.
+    source = shutil.copytree(CLIENT_DIR, root / "client", ignore=shutil.ignore_patterns("build", "*.egg-info"))
     subprocess.run([python, "-m", "venv", str(venv)], check=True, timeout=300)
-    pip = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", str(CLIENT_DIR)],
+    pip = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", str(source)],
                          capture_output=True, text=True, timeout=600)
     assert pip.returncode == 0, pip.stderr[-2000:]
     return venv
