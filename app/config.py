@@ -14,6 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.lang.settings import RunSettings
 from app.security import SecuritySettings
+from app.canary import ModelVersion
+from app.ratelimit import RateLimitSettings
+from app.safety import SafetySettings
 
 from app.metrics import ObservabilitySettings
 
@@ -113,6 +116,10 @@ class AppSettings(_Section):
     run: RunSettings = Field(default_factory=RunSettings)  # /run: limits and registered functions
     security: SecuritySettings = Field(default_factory=SecuritySettings)  # API keys
     observability: ObservabilitySettings = Field(default_factory=ObservabilitySettings)
+    rate_limits: RateLimitSettings = Field(default_factory=RateLimitSettings)  # per API key (app.ratelimit)
+    safety: SafetySettings = Field(default_factory=SafetySettings)  # content filters (app.safety)
+    # Canary: several versions of the served model, split by weight (app.canary); empty: one model.
+    models: list[ModelVersion] = Field(default_factory=list)
 
     @classmethod
     def from_args(cls, args: dict[str, Any] | None) -> "AppSettings":
