@@ -16,9 +16,10 @@ engine overrides).
 2. else by weight, sticky per `X-Session-Id`, else per API key, so a conversation stays on one
    version and its prefix cache. The choice is weighted rendezvous hashing: each version scores
    `-ln(u) / weight` with `u` a hash of (sticky key, version) in (0, 1), the lowest wins. A version
-   wins a share of keys equal to its weight share, and when weights change a key moves only TO a
-   version whose share grew (10% -> 50% -> 100% moves 40%, then the remaining 50%, and nobody
-   moves back or between other versions).
+   wins a share of keys equal to its weight share. Raising one version's weight moves keys only
+   TO it, lowering one moves keys only AWAY from it: a canary going 10% -> 50% -> 100% moves 40%
+   of the sessions, then the other 50%, and none moves back. (Changing two weights of three at
+   once may move a few keys more than the minimum; with two versions every move is minimal.)
 A request with neither session nor key gets a random version by weight.
 """
 
