@@ -332,8 +332,11 @@ def request_texts(path: str, body: Any, settings: Any) -> tuple[list[str], int, 
     if path == "/v1/chat/completions":
         texts = []
         for m in body.get("messages") or []:
-            if isinstance(m, dict):
-                texts += _strings(m.get("content"))
+            content = m.get("content") if isinstance(m, dict) else None
+            if isinstance(content, str):
+                texts.append(content)
+            elif isinstance(content, list):  # content parts: only the text ones carry a prompt
+                texts += [p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
         wanted = body.get("max_completion_tokens") or body.get("max_tokens")
         return texts, 0, _int(wanted, settings.ingress.default_max_tokens) * _int(body.get("n"), 1)
     if path == "/v1/completions":
