@@ -83,6 +83,17 @@ class TrafficSplit:
         self.versions = {v.name: v for v in versions}
         self._weighted = [(v.name, v.weight) for v in versions if v.weight > 0]
 
+    def reweighted(self, weights: Mapping[str, float]) -> "TrafficSplit":
+        """The same versions with new weights (a promotion or rollback). Meant for the Ingress's
+        `reconfigure(user_config)`: Serve applies a changed user_config to live replicas, so
+        weights move without restarting the Ingress, and no ModelReplica is touched at all."""
+        unknown = set(weights) - set(self.versions)
+        if unknown:
+            raise ValueError(f"weights for unknown model versions {sorted(unknown)}; versions: {sorted(self.versions)}")
+        versions = [v.model_copy(update={"weight": float(weights.get(v.name, v.weight))})
+                    for v in self.versions.values()]
+        return TrafficSplit(self.served_name, versions)
+
     def explicit_version(self, model: str | None, headers: Mapping[str, str]) -> str | None:
         """The version a request names itself, if any; 404 for one that does not exist."""
         wanted = None

@@ -130,3 +130,14 @@ def test_a_bad_engine_override_fails_at_build_time():
     settings = AppSettings.from_args({"models": [{"name": "a", "weight": 1, "engine": {"max_running_requests": 0}}]})
     with pytest.raises(ValueError):
         version_settings(settings, settings.models[0])
+
+
+def test_reweighting_keeps_versions_and_validates():
+    s = split(stable=90, canary=10)
+    promoted = s.reweighted({"stable": 0, "canary": 100})
+    assert set(assignment(promoted).values()) == {"canary"}
+    assert s.versions["stable"].weight == 90  # the old split is unchanged (replaced, not mutated)
+    with pytest.raises(ValueError, match="unknown"):
+        s.reweighted({"v9": 1})
+    with pytest.raises(ValueError, match="above 0"):
+        s.reweighted({"stable": 0, "canary": 0})
