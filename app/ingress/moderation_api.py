@@ -7,7 +7,6 @@ filter reports them) so OpenAI clients parse the answer; our filters add theirs
 503 + Retry-After here whatever `safety.on_error` says: "not flagged" would be a false answer.
 """
 
-from __future__ import annotations
 
 import uuid
 from typing import Any

@@ -174,7 +174,7 @@ def test_auth_matrix_every_route_times_every_caller(guarded):
                 stream.thread.join(120)
                 assert not stream.thread.is_alive()
     assert let_in == [], f"let in: {let_in}"
-    assert wrong_status == [], wrong_status
+    assert wrong_status == [], "\n".join(map(str, wrong_status))
 
 
 def test_server_info_hides_internal_state_from_non_admin_keys(guarded):
