@@ -70,6 +70,8 @@ class Guard:
         safety = settings.safety
         self.inputs = FilterChain(safety.input_filters, safety.timeout_ms, safety.max_workers)
         self.outputs = FilterChain(safety.output_filters, safety.timeout_ms, safety.max_workers)
+        # Anything for guard_request to do? (No keys, limits or input filters: the default config.)
+        self.active = bool(settings.security.enabled or limits.default is not None or self.inputs)
 
     # -- rate limits -----------------------------------------------------------------------------
 
@@ -261,18 +263,27 @@ def response_headers(request_state: Any) -> list[tuple[bytes, bytes]]:
 async def guard_request(request: Request) -> None:
     """Runs before every API route handler (see the module doc)."""
     guard = _guard
+    if guard is None or not guard.active:
+        return
     path = route_template(request.app, request.scope) or ""
-    if guard is None or required_scope(path, guard.settings.security.public_paths) == PUBLIC:
+    if required_scope(path, guard.settings.security.public_paths) == PUBLIC:
         return
     key: ApiKey | None = getattr(request.state, "api_key", None)
-    body = await _json_body(request)
-    if path == "/abort_request" and not is_admin(request):
+    limits = guard.limits_for(key)
+    check_abort = path == "/abort_request" and not is_admin(request)
+    # /v1/moderations runs the filters itself and reports: it never refuses.
+    filter_input = bool(guard.inputs) and _filtered(key) and path in PROMPT_PARAM and path != "/v1/moderations"
+    count_tokens = limits is not None and limits.tokens_per_minute is not None
+    # The body is parsed a second time (FastAPI parsed it for the route) only when a check needs it.
+    body = await _json_body(request) if (check_abort or filter_input or count_tokens) else None
+    if check_abort:
         await _check_abort(guard, key, body)
-    texts, ids_tokens, max_output = request_texts(path, body, guard.settings)
-    if guard.limits_for(key) is not None:
-        await guard.rate_limit(request, key, guard.count_tokens(texts) + ids_tokens + max_output)
-    if path != "/v1/moderations":  # which runs the filters itself and reports, never refuses
-        await guard.filter_input(key, texts, _prompt_param(path))
+    texts, ids_tokens, max_output = request_texts(path, body, guard.settings) if body is not None else ([], 0, 0)
+    if limits is not None:
+        tokens = guard.count_tokens(texts) + ids_tokens + max_output if count_tokens else 0
+        await guard.rate_limit(request, key, tokens)
+    if filter_input:
+        await guard.filter_input(key, texts, PROMPT_PARAM[path])
 
 
 async def _json_body(request: Request) -> Any:
@@ -294,9 +305,9 @@ async def _check_abort(guard: Guard, key: ApiKey | None, body: Any) -> None:
                             param="rid", code="request_not_found")
 
 
-def _prompt_param(path: str) -> str:
-    return {"/v1/chat/completions": "messages", "/v1/completions": "prompt", "/generate": "text",
-            "/run": "program"}.get(path, "input")
+# The routes whose body holds a prompt, and the field an error names.
+PROMPT_PARAM = {"/v1/chat/completions": "messages", "/v1/completions": "prompt", "/generate": "text",
+                "/run": "program", "/v1/moderations": "input"}
 
 
 # -- what a request asks for: its texts and its most output tokens ---------------------------------
