@@ -139,6 +139,32 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
     return value.strip() or None if isinstance(value, str) else None
 
 
+def bind_version_replicas(settings: Any, options: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """One bound ModelReplica deployment per version, `{version: Application}`, for
+    `app.deployments.build` to hand to the Scheduler/Ingress (Serve turns each into a handle).
+
+    Each is named `ModelReplica-<version>` (so serve_config.yaml's `deployments:` can size and
+    autoscale each version apart), runs its version's settings (model path, engine overrides), and
+    keeps the application's routing and GPU placement. Its init args hold no weights, so moving
+    weights never restarts a replica. `options[deployment_name(v)]` wins over
+    `options["ModelReplica"]`, which wins over the placement defaults."""
+    from app.deployments import routing_config
+    from app.placement import merge_replica_options, replica_placement
+    from app.replica import ModelReplicaDeployment
+
+    options = options or {}
+    bound = {}
+    for version in settings.models:
+        vs = version_settings(settings, version)
+        name = deployment_name(version.name)
+        explicit = dict(options.get(name) or options.get("ModelReplica") or {})
+        placed = merge_replica_options(replica_placement(vs), explicit)
+        bound[version.name] = ModelReplicaDeployment.options(
+            name=name, request_router_config=routing_config(vs), **placed
+        ).bind(vs.model_dump(mode="json"))
+    return bound
+
+
 def split_from_settings(settings: Any) -> TrafficSplit | None:
     if not settings.models:
         return None

@@ -141,3 +141,20 @@ def test_reweighting_keeps_versions_and_validates():
         s.reweighted({"v9": 1})
     with pytest.raises(ValueError, match="above 0"):
         s.reweighted({"stable": 0, "canary": 0})
+
+
+def test_one_model_replica_deployment_per_version():
+    from app.canary import bind_version_replicas
+
+    settings = AppSettings.from_args({
+        "model": {"served_model_name": SERVED},
+        "models": [{"name": "stable", "weight": 90},
+                   {"name": "canary", "model_path": "org/next", "weight": 10, "engine": {"max_running_requests": 8}}],
+    })
+    bound = bind_version_replicas(settings, {"ModelReplica-canary": {"num_replicas": 3}, "ModelReplica": {"num_replicas": 1}})
+    deployments = {v: app._bound_deployment for v, app in bound.items()}
+    assert {v: d.name for v, d in deployments.items()} == {"stable": "ModelReplica-stable", "canary": "ModelReplica-canary"}
+    assert deployments["canary"].num_replicas == 3 and deployments["stable"].num_replicas == 1
+    (canary_args,) = deployments["canary"].init_args
+    assert canary_args["model"]["model_path"] == "org/next" and canary_args["engine"]["max_running_requests"] == 8
+    assert canary_args["models"] == []  # no weights in a replica's args: moving them restarts none
