@@ -106,13 +106,14 @@ class Guard:
             f"rate limit reached for {which} per minute on key '{key_id}'; "
             f"try again in {headers['Retry-After']} s", code="rate_limit_exceeded")
 
-    async def settle(self, request: Request, sequences: list[Any]) -> None:
+    async def settle(self, request: Request, sequences: list[Any], status: int = 200) -> None:
         """After the response: refund the tokens charged but unused (`sequences`: what the request
-        generated, app.metrics.SequenceRecord); forget the request's rids. A request that
-        recorded no sequence (/run: its program's calls are the scheduler's) keeps its charge."""
+        generated, app.metrics.SequenceRecord); forget the request's rids. A refused request
+        (status >= 400, nothing generated) gets all back; a served one that recorded no sequence
+        (/run: its program's calls are the scheduler's) keeps its charge."""
         state = request.state
         charge: Charge | None = getattr(state, "ratelimit_charge", None)
-        if charge is not None and charge.limits.tokens_per_minute and sequences:
+        if charge is not None and charge.limits.tokens_per_minute and (sequences or status >= 400):
             used = sum(s.prompt_tokens + s.completion_tokens for s in sequences)
             back = charge.tokens - used
             if back:

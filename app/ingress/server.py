@@ -168,7 +168,7 @@ class RequestContext:
         finally:
             trace.complete(outcome["status"], disconnected=not outcome["complete"])
             if guard.current() is not None:
-                await guard.current().settle(request, trace.sequences)
+                await guard.current().settle(request, trace.sequences, outcome["status"])
 
     @staticmethod
     def _refusal(request: Request) -> APIError | None:

@@ -161,6 +161,10 @@ async def test_the_token_charge_is_corrected_on_completion():
     await g.settle(request, [Seq()])  # used 100 of 600: 500 come back
     after = await g.buckets.acquire("k", limits, 0)
     assert after.tokens_left == pytest.approx(900, abs=1)
+    # A refused request (403 content filter, say) generated nothing: all of its charge comes back.
+    await g.buckets.acquire("k", limits, 600)
+    await g.settle(request, [], status=403)
+    assert (await g.buckets.acquire("k", limits, 0)).tokens_left == pytest.approx(900, abs=1)  # as before it
 
 
 def test_request_texts_covers_every_prompt_shape():
