@@ -131,6 +131,9 @@ def settings_reference() -> str:
     lines: list[str] = []
     for section, field in AppSettings.model_fields.items():
         model = field.annotation
+        prefix = section
+        if getattr(model, "__origin__", None) is list:  # a list section (`models`): its items' fields
+            model, prefix = model.__args__[0], f"{section}[]"
         lines += [f"#### `{section}`", "", "| setting | default |", "|---|---|"]
         for name, sub in model.model_fields.items():  # type: ignore[union-attr]
             if sub.default_factory is not None:
@@ -141,7 +144,7 @@ def settings_reference() -> str:
                 default = sub.default
             if section == "model" and name == "cache_dir":
                 default = "$SGLSERVE_CACHE_DIR or ~/.cache/sglserve"
-            lines.append(f"| `{section}.{name}` | `{default!r}` |")
+            lines.append(f"| `{prefix}.{name}` | {'required' if sub.is_required() else f'`{default!r}`'} |")
         lines.append("")
     return "\n".join(lines)
 
