@@ -28,7 +28,7 @@ from app.security import ADMIN, INFERENCE, PUBLIC, ROUTE_SCOPES, hash_key
 from tests.conftest import SMALL, serve_args, wait_ready
 from tests.safety.filters import RAISE_MARK
 
-pytestmark = pytest.mark.serve
+pytestmark = [pytest.mark.serve, pytest.mark.timeout(900)]  # start-up of 2 Ingress replicas on a busy machine
 
 MODEL = "sglserve/tiny-llama"
 KEYS = {name: f"sk-{name}-{uuid.uuid4().hex[:12]}" for name in
