@@ -40,7 +40,9 @@ class SafetySettings(BaseModel):
     on_error: Literal["closed", "open"] = "closed"  # a filter raised or timed out: 503 or let through
     retry_after_s: float = Field(1.0, gt=0)  # on the 503 when failing closed
     max_workers: int = Field(4, gt=0)  # the filters' thread pool
-    output_check_chars: int = Field(64, gt=0)  # re-check a stream each time it grew by this much
+    # Re-check a stream each time it grew by this many characters; 1: every chunk before it is sent
+    # (nothing the filter would flag goes out); larger: fewer checks, and up to that much may leak.
+    output_check_chars: int = Field(1, gt=0)
     output_window_chars: int = Field(4096, gt=0)  # an output filter sees the last this many chars
     redact_pii_in_logs: bool = True  # request log lines pass through app.safety.pii.redact
 

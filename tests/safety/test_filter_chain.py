@@ -48,3 +48,38 @@ def test_a_bad_callable_name_is_refused_at_start():
         FilterSpec(callable="no-colon-here")
     with pytest.raises(ModuleNotFoundError):
         chain(("tests.safety.nowhere:f", {}))
+
+
+async def test_an_output_filter_ends_one_sequence_and_sends_nothing_it_flags():
+    """guard.filter_stream over a synthetic stream of two sequences (index 0 long, index 1 short):
+    index 0 ends with finish_reason content_filter before any text past the limit goes out; index 1
+    is not affected and ends normally."""
+    from starlette.requests import Request
+
+    from app.config import AppSettings
+    from app.ingress import guard
+    from app.protocol import FinishReason, GenerateOutput
+
+    settings = AppSettings.from_args({"safety": {"output_filters": [
+        {"callable": "tests.safety.filters:long_output", "settings": {"max_chars": 100}}]}})
+    guard.configure(settings)
+    try:
+        async def upstream():
+            for step in range(10):
+                yield 0, GenerateOutput(rid="r-0", text="x" * 30)
+                if step < 2:
+                    yield 1, GenerateOutput(rid="r-1", text="y" * 10, finished=step == 1,
+                                            finish_reason=FinishReason(type="stop") if step == 1 else None)
+            raise AssertionError("the filtered stream should have been closed before the end")
+
+        request = Request({"type": "http", "method": "POST", "path": "/v1/completions", "headers": [], "state": {}})
+        items = [item async for item in guard.filter_stream(request, upstream(), count=2)]
+    finally:
+        guard._guard = None
+    sent = "".join(out.text for index, out in items if index == 0)
+    assert len(sent) == 90  # 3 chunks of 30; the 4th (120 > 100) withheld
+    last0 = [out for index, out in items if index == 0][-1]
+    assert last0.finished and last0.finish_reason.type == "content_filter"
+    assert last0.finish_reason.to_openai() == "content_filter"
+    last1 = [out for index, out in items if index == 1][-1]
+    assert last1.finished and last1.finish_reason.type == "stop"
