@@ -14,6 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.lang.settings import RunSettings
 from app.security import SecuritySettings
+from app.canary import ModelVersion
+from app.ratelimit import RateLimitSettings
+from app.safety import SafetySettings
 
 from app.metrics import ObservabilitySettings
 
@@ -124,6 +127,10 @@ class AppSettings(_Section):
     security: SecuritySettings = Field(default_factory=SecuritySettings)  # API keys
     observability: ObservabilitySettings = Field(default_factory=ObservabilitySettings)
     playground: PlaygroundSettings = Field(default_factory=PlaygroundSettings)  # browser page, /stream
+    rate_limits: RateLimitSettings = Field(default_factory=RateLimitSettings)  # per API key (app.ratelimit)
+    safety: SafetySettings = Field(default_factory=SafetySettings)  # content filters (app.safety)
+    # Canary: several versions of the served model, split by weight (app.canary); empty: one model.
+    models: list[ModelVersion] = Field(default_factory=list)
 
     @classmethod
     def from_args(cls, args: dict[str, Any] | None) -> "AppSettings":
@@ -135,6 +142,9 @@ def settings_reference() -> str:
     lines: list[str] = []
     for section, field in AppSettings.model_fields.items():
         model = field.annotation
+        prefix = section
+        if getattr(model, "__origin__", None) is list:  # a list section (`models`): its items' fields
+            model, prefix = model.__args__[0], f"{section}[]"
         lines += [f"#### `{section}`", "", "| setting | default |", "|---|---|"]
         for name, sub in model.model_fields.items():  # type: ignore[union-attr]
             if sub.default_factory is not None:
@@ -145,7 +155,7 @@ def settings_reference() -> str:
                 default = sub.default
             if section == "model" and name == "cache_dir":
                 default = "$SGLSERVE_CACHE_DIR or ~/.cache/sglserve"
-            lines.append(f"| `{section}.{name}` | `{default!r}` |")
+            lines.append(f"| `{prefix}.{name}` | {'required' if sub.is_required() else f'`{default!r}`'} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -11,6 +11,9 @@
   logger: request id (X-Request-Id, accepted and returned by the middleware), key id (the id the
   auth layer puts in `request.state.key_id`, never the key), tenant, method, endpoint, status,
   tokens, finish reasons and timings.
+- PII: with `safety.redact_pii_in_logs` (on by default) a request line's free-text fields (the
+  tenant, which may be a client's `user` field) pass through `app.safety.pii.redact`: e-mail
+  addresses, phone and card numbers, ... become `[EMAIL]`, `[PHONE]`, `[CARD]`.
 - Sampling: `request_log_sample_rate` of successful requests are logged, chosen by a hash of the
   request id (so a given id is always in or always out, across processes); with
   `request_log_errors` every request with status >= 400 is logged regardless.
@@ -29,6 +32,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from app.metrics import IngressMetrics, ObservabilitySettings, SequenceRecord, current_trace
+from app.safety.pii import redact_fields
 
 REQUEST_LOGGER = "sglserve.requests"
 MAX_ID_CHARS = 128  # client-chosen ids are cut to this length in logs
@@ -143,7 +147,10 @@ class RequestTrace:
         if self.metrics is not None:
             self.metrics.record_http(self.endpoint(status), status)
         if self.policy.should_log(self.request_id, status):
-            logging.getLogger(REQUEST_LOGGER).info("request", extra={"fields": self.log_fields(status, disconnected)})
+            fields = self.log_fields(status, disconnected)
+            if _redact_pii:
+                fields = redact_fields(fields)
+            logging.getLogger(REQUEST_LOGGER).info("request", extra={"fields": fields})
 
     def log_fields(self, status: int, disconnected: bool) -> dict[str, Any]:
         seqs = self.sequences
@@ -175,6 +182,13 @@ class RequestTrace:
 # The ingress process's policy and metrics, set by `configure_ingress_observability`.
 _policy = RequestLogPolicy(enabled=False)
 _metrics: IngressMetrics | None = None
+_redact_pii = True
+
+
+def configure_log_redaction(enabled: bool) -> None:
+    """`safety.redact_pii_in_logs`: redact PII in request log lines (called by the ingress guard)."""
+    global _redact_pii
+    _redact_pii = enabled
 
 
 def configure_ingress_observability(model_name: str, settings: ObservabilitySettings) -> None:

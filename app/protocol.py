@@ -134,7 +134,7 @@ class GenerateRequest(BaseModel):
         return self
 
 
-FinishType = Literal["stop", "length", "abort"]
+FinishType = Literal["stop", "length", "abort", "content_filter"]  # content_filter: an output filter stopped it
 
 
 class FinishReason(BaseModel):
@@ -146,7 +146,9 @@ class FinishReason(BaseModel):
     message: str | None = None  # for type == "abort"
 
     def to_openai(self) -> str:
-        return "length" if self.type == "length" else "stop"
+        if self.type in ("length", "content_filter"):
+            return self.type
+        return "stop"
 
 
 class GenerateOutput(BaseModel):

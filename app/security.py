@@ -1,10 +1,16 @@
-"""API keys: who is calling, with which default priority and fairness weight.
+"""API keys: who is calling, what it may do (scopes), with which default priority, fairness weight
+and rate limit.
 
 Keys are configured in `serve_config.yaml` (`args.security.api_keys`) by id, never logged: a
 config holds either the key's SHA-256 (`key_sha256`, preferred) or the name of an environment
 variable that holds the key (`key_env`). When at least one key is configured, every route except
 the public ones (liveness, readiness) needs `Authorization: Bearer <key>` (or `X-API-Key`); the
 key's id becomes the request's tenant (fairness) and names it in logs and metrics.
+
+Authorization: a key holds scopes (`inference`, `admin`; `inference` by default, as SGLang keeps
+a separate admin API key). `ROUTE_SCOPES` below is THE list of which route needs which scope;
+a route missing from it needs `admin` (closed by default), and tests/security's auth matrix fails
+until the route is listed there.
 """
 
 from __future__ import annotations
@@ -13,9 +19,54 @@ import hashlib
 import hmac
 import os
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from app.errors import AuthenticationError
+from app.errors import AuthenticationError, PermissionDeniedError
+from app.ratelimit import RateLimit
+
+Scope = Literal["inference", "admin"]
+PUBLIC, INFERENCE, ADMIN = "public", "inference", "admin"
+# Browser routes that cannot send headers authenticate with a short-lived signed token instead
+# of a key (app/ingress/playground_api.py checks it): no key opens them, none is needed.
+STREAM_TOKEN = "stream_token"
+
+# Every route and the scope it needs, in ONE place (by the route's path template). `inference`
+# routes are the model's; `admin` ones act on the whole server (every replica, every tenant).
+# Two inference routes show more to admins: /server_info (internal state: replicas, scheduler,
+# settings) and /abort_request (a non-admin key may abort only requests it sent itself, and never
+# `abort_all`); app/ingress/guard.py applies both rules.
+ROUTE_SCOPES: dict[str, str] = {
+    "/health": PUBLIC,
+    "/ready": PUBLIC,
+    "/docs": PUBLIC,
+    "/docs/oauth2-redirect": PUBLIC,
+    "/openapi.json": PUBLIC,
+    "/v1/models": INFERENCE,
+    "/v1/chat/completions": INFERENCE,
+    "/v1/completions": INFERENCE,
+    "/v1/moderations": INFERENCE,
+    "/generate": INFERENCE,
+    "/run": INFERENCE,
+    "/get_model_info": INFERENCE,
+    "/health_generate": INFERENCE,  # runs a generation: not free, so not public
+    "/server_info": INFERENCE,  # non-admin keys see the public part only
+    "/get_server_info": INFERENCE,
+    "/abort_request": INFERENCE,  # own requests only; others' and abort_all: admin
+    "/flush_cache": ADMIN,  # every replica's prefix cache, all tenants
+    "/": PUBLIC,  # the playground page and its files (app/static)
+    "/static/{name}": PUBLIC,
+    "/v1/stream_tokens": INFERENCE,  # mints a token for the caller's own key
+    "/stream": STREAM_TOKEN,
+}
+
+
+def required_scope(route_path: str, public_paths: list[str] | None = None) -> str:
+    """The scope a route needs; unlisted routes need admin (closed by default)."""
+    if public_paths and route_path in public_paths:
+        return PUBLIC
+    return ROUTE_SCOPES.get(route_path, ADMIN)
 
 
 class ApiKey(BaseModel):
@@ -27,6 +78,12 @@ class ApiKey(BaseModel):
     priority: int = 0  # default priority of this key's requests
     max_priority: int | None = None  # ceiling on the priority a request may ask for
     weight: float = Field(1.0, gt=0)  # fair-share weight against other keys
+    scopes: list[Scope] = Field(default_factory=lambda: ["inference"])
+    rate_limit: RateLimit | None = None  # None: `rate_limits.default` (or no limit)
+    content_filter: bool = True  # False: a trusted tenant's requests skip the safety filters
+
+    def has_scope(self, scope: str) -> bool:
+        return scope == PUBLIC or scope in self.scopes or "admin" in self.scopes
 
     @model_validator(mode="after")
     def _one_secret(self) -> "ApiKey":
@@ -70,7 +127,7 @@ class Authenticator:
         self._keys = [(k, k.digest()) for k in settings.api_keys]
 
     def requires_key(self, path: str) -> bool:
-        return self.settings.enabled and path not in self.settings.public_paths
+        return self.settings.enabled and required_scope(path, self.settings.public_paths) != PUBLIC
 
     def authenticate(self, authorization: str | None, x_api_key: str | None) -> ApiKey:
         presented = x_api_key
@@ -93,3 +150,14 @@ class Authenticator:
         if match is None:
             raise AuthenticationError("the API key is not valid", code="invalid_api_key")
         return match
+
+
+def authorize(key: ApiKey | None, scope: str, route_path: str) -> None:
+    """403 unless `key` holds `scope`. `key` None means authentication is off (no keys configured):
+    everything is allowed, as before scopes existed."""
+    if key is None or key.has_scope(scope):
+        return
+    raise PermissionDeniedError(
+        f"the API key '{key.id}' lacks the '{scope}' scope needed for {route_path}",
+        code="insufficient_scope",
+    )

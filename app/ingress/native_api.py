@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import BaseModel, ConfigDict, ValidationError as PydanticValidationError
 
 from app.errors import InvalidRequestError, ValidationError
+from app.ingress import guard
 from app.ingress.gateway import Gateway
 from app.ingress.sse import sse_event, sse_stream
 from app.protocol import GenerateOutput, GenerateRequest, SamplingParams
@@ -100,6 +101,7 @@ def native_router(gateway_of) -> APIRouter:
     async def generate(body: NativeGenerateBody, request: Request):
         gateway: Gateway = gateway_of(request)
         requests, batched = _build_requests(gateway, body, request)
+        await guard.remember(request, requests)  # the key may abort these rids
         started = time.monotonic()
         with_logprobs = [r.return_logprob for r in requests]
 
@@ -114,13 +116,13 @@ def native_router(gateway_of) -> APIRouter:
             return item
 
         if not body.stream:
-            outputs = await gateway.complete_many(requests)
+            outputs = await guard.filter_outputs(request, await gateway.complete_many(requests))
             items = [render(o, i, o.text, o.token_ids) for i, o in enumerate(outputs)]
             return JSONResponse(items if batched else items[0])
 
         async def events() -> AsyncIterator[str]:
             totals: dict[int, GenerateOutput] = {}
-            async for index, out in gateway.stream_many(requests):
+            async for index, out in guard.filter_stream(request, gateway.stream_many(requests), len(requests)):
                 total = totals[index] = out if index not in totals else totals[index].merge(out)
                 yield sse_event(render(total, index, total.text, total.token_ids))
 
@@ -144,14 +146,14 @@ def native_router(gateway_of) -> APIRouter:
     async def server_info(request: Request) -> JSONResponse:
         gateway: Gateway = gateway_of(request)
         info = await gateway.scheduler.server_info.remote()
-        return JSONResponse(
+        return JSONResponse(guard.server_info_view(request,  # internal state: admin keys only
             {
                 **gateway.settings.model_dump(mode="json"),
                 "model_path": gateway.limits.model_path,
                 "context_length": gateway.limits.context_length,
                 **info,
             }
-        )
+        ))
 
     @router.post("/flush_cache")
     async def flush_cache(request: Request) -> Response:

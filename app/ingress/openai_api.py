@@ -15,6 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from app.errors import InvalidRequestError, NotFoundError
+from app.ingress import guard
 from app.ingress.gateway import Gateway
 from app.ingress.openai_protocol import (
     ChatCompletionRequest,
@@ -278,13 +279,14 @@ async def _chat(gateway: Gateway, body: ChatCompletionRequest, request: Request)
         for i in range(body.n)
     ]
     request.state.rid = rid
+    await guard.remember(request, requests)  # the key may abort these rids
     created = int(time.time())
     base = {"id": f"chatcmpl-{rid}", "created": created, "model": gateway.limits.name}
     required = body.tool_choice == "required" and bool(body.tools)
     auto_tools = bool(body.tools) and body.tool_choice in (None, "auto")
 
     if not body.stream:
-        outputs = await gateway.complete_many(requests)
+        outputs = await guard.filter_outputs(request, await gateway.complete_many(requests))
         choices = []
         for i, out in enumerate(outputs):
             calls = _tool_calls(out.text, forced_tool, required) if (forced_tool or required or auto_tools) else None
@@ -311,7 +313,7 @@ async def _chat(gateway: Gateway, body: ChatCompletionRequest, request: Request)
                                        "logprobs": None, "finish_reason": None}]}
             )
         call_ids = {i: f"call_{uuid.uuid4().hex[:24]}" for i in range(body.n)}
-        async for index, out in gateway.stream_many(requests):
+        async for index, out in guard.filter_stream(request, gateway.stream_many(requests), len(requests)):
             finals[index] = out if index not in finals else finals[index].merge(out)
             if out.text or out.output_token_logprobs:
                 if forced_tool is not None:
@@ -414,11 +416,12 @@ async def _completions(gateway: Gateway, body: CompletionRequest, request: Reque
                 )
             )
     request.state.rid = rid
+    await guard.remember(request, requests)  # the key may abort these rids
     base = {"id": f"cmpl-{rid}", "created": int(time.time()), "model": gateway.limits.name}
     prompt_tokens = sum(len(ids) for ids, _ in prompts)
 
     if not body.stream:
-        outputs = await gateway.complete_many(requests)
+        outputs = await guard.filter_outputs(request, await gateway.complete_many(requests))
         choices = []
         for k, out in enumerate(outputs):
             prompt_text = prompts[k // body.n][1]
@@ -442,7 +445,7 @@ async def _completions(gateway: Gateway, body: CompletionRequest, request: Reque
         chunk = {**base, "object": "text_completion"}
         finals: dict[int, GenerateOutput] = {}
         offsets: dict[int, int] = {}
-        async for index, out in gateway.stream_many(requests):
+        async for index, out in guard.filter_stream(request, gateway.stream_many(requests), len(requests)):
             finals[index] = out if index not in finals else finals[index].merge(out)
             reason = None
             if out.finished:

@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
@@ -20,7 +20,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.config import AppSettings
 from app.errors import APIError, NotFoundError, PayloadTooLargeError, unwrap_error
+from app.ingress import guard
 from app.ingress.gateway import Gateway, ModelLimits
+from app.ingress.moderation_api import moderation_router
 from app.security import Authenticator
 from app.ingress.native_api import native_router
 from app.ingress.openai_api import openai_router
@@ -30,7 +32,8 @@ from app.logs import configure_ingress_observability, start_request_trace
 
 logger = logging.getLogger("sglserve.ingress")
 
-api = FastAPI(title="sglserve", docs_url="/docs", redoc_url=None)
+# guard_request: rate limits, input filters, abort ownership, before every API route (app/ingress/guard.py)
+api = FastAPI(title="sglserve", docs_url="/docs", redoc_url=None, dependencies=[Depends(guard.guard_request)])
 
 
 class _Current:
@@ -52,6 +55,7 @@ api.include_router(openai_router(gateway_of))
 api.include_router(native_router(gateway_of))
 api.include_router(run_router(gateway_of))
 api.include_router(playground_router(gateway_of, lambda: _Current.auth))
+api.include_router(moderation_router())
 
 
 # -- errors ----------------------------------------------------------------------------------------
@@ -154,6 +158,9 @@ class RequestContext:
         async def watched_send(message: dict) -> None:
             if message["type"] == "http.response.start":
                 outcome["status"] = message["status"]
+                extra = guard.response_headers(request.state)  # x-ratelimit-* on every response
+                if extra:
+                    message = {**message, "headers": [*message.get("headers", []), *extra]}
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 outcome["complete"] = True
             await send(message)
@@ -162,6 +169,8 @@ class RequestContext:
             await self.app(scope, receive, watched_send)
         finally:
             trace.complete(outcome["status"], disconnected=not outcome["complete"])
+            if guard.current() is not None:
+                await guard.current().settle(request, trace.sequences, outcome["status"])
 
     @staticmethod
     def _refusal(request: Request) -> APIError | None:
@@ -183,6 +192,8 @@ class RequestContext:
             request.state.key_id = request.state.tenant = key.id
             request.state.priority = key.priority
             request.state.max_priority = key.max_priority
+            request.state.api_key = key
+            return guard.authorize_route(api, request, auth.settings.public_paths)  # key scopes
         return None
 
 
@@ -258,6 +269,7 @@ class Ingress:
         configure_ingress_observability(limits.name, app_settings.observability)
         _Current.gateway = Gateway(app_settings, scheduler, tokenizer, limits)
         _Current.auth = Authenticator(app_settings.security) if app_settings.security.enabled else None
+        guard.configure(app_settings, tokenizer)
         logger.info("ingress ready for model %s", json.dumps(limits.name))
 
 

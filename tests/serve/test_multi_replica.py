@@ -32,7 +32,8 @@ def replica_actor_names(app_name: str) -> list[str]:
 def two_replicas(ray_cluster, tiny_model_path):
     args = serve_args(
         scheduler={"routing_policy": "round_robin", "max_retries": 3},
-        security={"api_keys": [{"id": "team-a", "key_sha256": hash_key(KEY), "priority": 2}]},
+        security={"api_keys": [{"id": "team-a", "key_sha256": hash_key(KEY), "priority": 2,
+                                "scopes": ["inference", "admin"]}]},  # flush_cache, server_info internals
     )
     stack = deploy(
         ray_cluster, "multi", "/multi", args,
