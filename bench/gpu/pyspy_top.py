@@ -25,7 +25,7 @@ def summarise(path: Path, top: int = 12) -> str:
             self_c[f"{leaf['name']} ({Path(leaf.get('file', '?')).name}:{leaf.get('line', '?')})"] += weight
             for name in {frames[i]["name"] + " (" + Path(frames[i].get("file", "?")).name + ")" for i in stack}:
                 total_c[name] += weight
-    lines = [f"## {path.name}: {n} samples", "", "| self % | function |", "|---|---|"]
+    lines = [f"## {path.name}: {n:.1f} s of samples", "", "| self % | function |", "|---|---|"]
     lines += [f"| {100 * w / n:.1f} | `{name}` |" for name, w in self_c.most_common(top)]
     lines += ["", "| total % | function |", "|---|---|"]
     lines += [f"| {100 * w / n:.1f} | `{name}` |" for name, w in total_c.most_common(top)]

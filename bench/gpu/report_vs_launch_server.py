@@ -165,6 +165,19 @@ def report(run: Path, md_path: Path, png_path: Path) -> str:
                          f"{fmt(b['median_ttft_ms'], 2)} / {fmt(s['median_ttft_ms'], 2)} | "
                          f"{fmt(b['median_itl_ms'], 2)} / {fmt(s['median_itl_ms'], 2)} |")
         lines.append("")
+    for variant in sorted(d for d in run.iterdir() if d.is_dir() and d.name not in ("bare", "sglserve")):
+        vrows = random_rows(bare, load(variant))
+        if not vrows:
+            continue
+        lines += [f"## Variant `{variant.name}` vs launch_server (same machine, same lease, run after the main pair)", "",
+                  "| backend | c | launch_server out tok/s | variant out tok/s | ratio | ΔTTFT p50 | ITL p50 bare / variant (ms) | ΔITL p99 |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in vrows:
+            b, s = r["bare"], r["ours"]
+            lines.append(f"| {r['backend']} | {r['c']} | {fmt(b['output_throughput'])} | {fmt(s['output_throughput'])} | "
+                         f"{r['ratio']:.3f} | {r['d_ttft50']:+.2f} | {fmt(b['median_itl_ms'], 2)} / "
+                         f"{fmt(s['median_itl_ms'], 2)} | {r['d_itl99']:+.2f} |")
+        lines.append("")
     missing = sorted((set(bare) ^ set(ours)))
     if missing:
         lines += [f"Steps measured on one side only (not compared): {', '.join('|'.join(k) for k in missing)}", ""]

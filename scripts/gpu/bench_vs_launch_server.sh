@@ -26,6 +26,7 @@ mkdir -p "$OUT" "$G"
 t0=$(date +%s)
 stamp() { echo "[bench_vs_launch_server +$(( $(date +%s) - t0 ))s] $*"; }
 steps=("$@"); [[ ${#steps[@]} -eq 0 || "${steps[0]}" == all ]] && steps=(bare sglserve)
+[[ "${steps[0]}" == unpack ]] && steps=()  # only unpack what this call carries (the next call uses it)
 
 # ---------------------------------------------------------------- unpack what this call carries
 unpack() {  # tarball dir marker
@@ -36,14 +37,23 @@ unpack() {  # tarball dir marker
 }
 unpack "$CK/sgl/sglang.tar.xz" "$G/site"
 unpack "$CK/stack/stack.tar.xz" "$G/stack"
+# Or the sglang site as its (trimmed) wheels, split over calls: .i14/w1, .i14/w2, ... (what xz
+# cannot compress in time on a busy CPU machine travels as wheels, which are zips already).
+for d in "$CK"/w*/; do
+  ls "$d"*.whl >/dev/null 2>&1 || continue
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$G/site" "$d"*.whl \
+    2>&1 | grep -v -E "^WARNING: (Target directory|Running pip as)" ; stamp "installed $(ls "$d"*.whl | wc -l) wheels from $d"
+done
 if [[ -d "$G/stack/ray" ]]; then  # wheels are zips: the executable bits of Ray's binaries are lost
   find "$G/stack/ray/core" -type f ! -name '*.py' -exec chmod +x {} +; chmod +x "$G/stack/bin/"* 2>/dev/null
 fi
 if [[ -d "$CK/model" ]]; then rm -rf "$G/model"; cp -r "$CK/model" "$G/model"; fi
 if [[ -d "$CK/repo" ]]; then rm -rf "$G/repo"; cp -r "$CK/repo" "$G/repo"; fi
-for need in "$G/site/sglang" "$G/model/config.json" "$G/repo/app"; do
-  [[ -e "$need" ]] || { stamp "MISSING $need (was the machine given back between calls?)"; exit 3; }
-done
+if [[ ${#steps[@]} -gt 0 ]]; then
+  for need in "$G/site/sglang" "$G/site/sgl_kernel" "$G/model/config.json" "$G/repo/app"; do
+    [[ -e "$need" ]] || { stamp "MISSING $need (was the machine given back between calls?)"; exit 3; }
+  done
+fi
 export PYTHONPATH="$G/site:$G/stack:$G/repo/bench/gpu/shims:$G/repo" PATH="$G/stack/bin:$PATH"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" TOKENIZERS_PARALLELISM=false
 export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 SGLANG_DISABLE_REQUEST_LOGGING=1
@@ -201,6 +211,9 @@ collect_ray_logs() {
 }
 
 rc=0
+if [[ ${#steps[@]} -eq 0 ]]; then
+  du -sh "$G"/* 2>/dev/null; nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
+fi
 for s in "${steps[@]}"; do
   stamp "step $s"
   "step_$s" > >(tee "$OUT/$s.log") 2>&1 || rc=1

@@ -5,7 +5,11 @@
 # `python -m sglang.benchmark.serving` import at module level that the device lacks
 # (python-multipart, zstandard; found by importing both against this site), as cp312 wheels with
 # binaries that path never loads removed, installed into one tree and packed (~44 MiB).
-# Run from the project root on the CPU machine: DEST=<dir> bash scripts/gpu/make_sglang_server_site.sh
+# soundfile (imported by the server's realtime-audio module) travels as an import shim instead
+# (bench/gpu/shims). Run from the project root on the CPU machine:
+#   DEST=<dir> bash scripts/gpu/make_sglang_server_site.sh
+# WHEELS_ONLY=1 stops after trimming and leaves the wheels in $DEST/wheels (no xz: on a busy
+# 2-core machine xz -9e of the ~300 MB tree took over 40 minutes; the wheels are zips already).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(pwd)"
@@ -23,6 +27,7 @@ python3 -m pip download -q --no-deps $P -d w \
   python-multipart==0.0.34 zstandard==0.25.0
 mkdir -p wt
 python3 "$here/trim_wheels.py"
+if [[ "${WHEELS_ONLY:-0}" == 1 ]]; then mkdir -p "$DEST/wheels"; cp wt/*.whl "$DEST/wheels/"; ls -la "$DEST/wheels"; exit 0; fi
 python3 -m pip install -q --no-index --no-deps --no-compile --target site $P wt/*.whl
 tar -C site -cf - . | xz -9e -T0 > "$DEST/sglang.tar.xz"
 ls -la "$DEST/sglang.tar.xz"
