@@ -102,6 +102,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.legend(fontsize=7)
     for ax in axes[1:]:
         ax.axhline(0, color="black", lw=0.5)
+        ax.set_yscale("symlog", linthresh=1.0)  # ms differences span 0.01 .. 2000
     fig.suptitle("sglserve (Ray Serve + sglang.Engine) vs python -m sglang.launch_server, same H100, "
                  "sglang.benchmark.serving random-ids 1024/256", fontsize=10)
     fig.tight_layout()
