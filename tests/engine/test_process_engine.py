@@ -65,7 +65,9 @@ async def test_stats_and_settings_come_from_the_child(engine):
 
 
 async def test_a_killed_engine_process_fails_streams_and_health(tiny_model_path):
-    eng = make_engine(settings())
+    # With restarts off, the replica's health check fails and Serve replaces the replica
+    # (restarts: tests/chaos/test_engine_restart.py).
+    eng = make_engine(settings(restart_max_attempts=0))
     await eng.start()
     try:
         stream = eng.generate(GenerateRequest(text="x", sampling=SamplingParams(max_new_tokens=400, ignore_eos=True)))
@@ -85,7 +87,7 @@ async def test_a_killed_engine_process_fails_streams_and_health(tiny_model_path)
 
 
 async def test_the_engine_process_exits_when_the_replica_side_goes_away(tiny_model_path):
-    eng = make_engine(settings())
+    eng = make_engine(settings(restart_max_attempts=0))
     await eng.start()
     proc = eng._proc
     eng._child_gone("simulated: the replica process died")  # closes our end of the socket, as death does
