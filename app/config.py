@@ -64,6 +64,9 @@ class EngineSettings(_Section):
     # if all fail, the replica's health check fails and Ray Serve replaces the replica.
     restart_max_attempts: int = Field(3, ge=0)
     restart_backoff_s: float = Field(0.5, ge=0)
+    # Keep a second child waiting with the engine's libraries imported, so that a restart only
+    # builds the engine (costs that child's host memory, ~0.3-0.5 GiB; no GPU memory).
+    warm_spare_process: bool = True
     # Constrained decoding.
     grammar_backend: Literal["xgrammar", "none"] = "xgrammar"
     max_grammar_bytes: int = Field(65536, gt=0)

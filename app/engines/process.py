@@ -84,6 +84,7 @@ class ProcessEngine(Engine):
         self._gave_up: str | None = None  # why restarting failed; the replica then fails its health
         self._consecutive_restarts = 0
         self._child_started_at = 0.0
+        self._spare: tuple[subprocess.Popen, Connection] | None = None  # see _prepare_spare
         self.restarts = 0  # children started after the first
         self.last_restart_s: float | None = None  # death noticed -> new child ready
 
@@ -104,20 +105,59 @@ class ProcessEngine(Engine):
             self._spawn()
             self._started = True
 
-    def _spawn(self) -> None:
-        """Start a child and wait until it serves; raises (and leaves no child behind) if it fails."""
+    def _launch(self) -> tuple[subprocess.Popen, Connection]:
         parent_sock, child_sock = socket.socketpair()
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-        self._proc = subprocess.Popen(
+        proc = subprocess.Popen(
             [sys.executable, "-m", "app.engines.process", str(child_sock.fileno())],
             pass_fds=[child_sock.fileno()], env=env,
         )
         child_sock.close()
-        conn = Connection(parent_sock.detach())
+        return proc, Connection(parent_sock.detach())
+
+    def _child_settings(self) -> dict[str, Any]:
         child_settings = self.settings.model_copy(deep=True)
         child_settings.engine.separate_process = False
+        return child_settings.model_dump(mode="json")
+
+    def _prepare_spare(self) -> None:
+        """Start the warm spare (engine.warm_spare_process): a child that imports the engine's
+        libraries and loads the tokenizer now, then waits. A restart hands it the engine to build,
+        which skips most of a cold start (imports were most of it, measured on 2 CPU cores)."""
+        if not self.settings.engine.warm_spare_process or self._stopping or self._spare is not None:
+            return
         try:
-            conn.send(("init", child_settings.model_dump(mode="json")))
+            proc, conn = self._launch()
+            conn.send(("prepare", self._child_settings()))
+        except OSError as e:
+            logger.warning("engine process: no warm spare (%r)", e)
+            return
+        self._spare = (proc, conn)
+
+    def _take_spare(self) -> tuple[subprocess.Popen, Connection] | None:
+        spare, self._spare = self._spare, None
+        if spare is not None and spare[0].poll() is not None:  # it died meanwhile: start cold
+            spare[1].close()
+            return None
+        return spare
+
+    def _drop_spare(self) -> None:
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            spare[1].close()  # it reads EOF and exits
+            try:
+                spare[0].wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                spare[0].kill()
+                spare[0].wait()
+
+    def _spawn(self, use_spare: bool = False) -> None:
+        """Start a child (or wake the spare) and wait until it serves; raises (and leaves no child
+        behind) if it fails."""
+        spare = self._take_spare() if use_spare else None
+        self._proc, conn = spare or self._launch()
+        try:
+            conn.send(("init", self._child_settings()))
             _, self._model_info, self._server_args, self._stats = self._wait_ready(conn)
             if self._tokenizer is None:
                 from app.engines.hf_tokenizer import HFTokenizer
@@ -135,6 +175,7 @@ class ProcessEngine(Engine):
         self._reader = threading.Thread(target=self._read_forever, args=(conn,),
                                         name="engine-process-reader", daemon=True)
         self._reader.start()
+        self._prepare_spare()
 
     def _wait_ready(self, conn: Connection) -> tuple:
         """Block until the child is ready; its own error if it failed to start."""
@@ -163,6 +204,7 @@ class ProcessEngine(Engine):
 
     async def shutdown(self) -> None:
         self._stopping = True  # before anything can notice the child's exit and restart it
+        await asyncio.to_thread(self._drop_spare)
         if self._conn is None or self._gone is not None:
             self._up.clear()
             return
@@ -185,6 +227,7 @@ class ProcessEngine(Engine):
                 self._gave_up = (f"{self._gone}; {self._consecutive_restarts} restart attempt(s) in a row "
                                  f"failed or died (engine.restart_max_attempts={cfg.restart_max_attempts})")
                 logger.error("engine process: giving up: %s", self._gave_up)
+                self._drop_spare()
                 return
             time.sleep(cfg.restart_backoff_s * 2 ** self._consecutive_restarts)
             self._consecutive_restarts += 1
@@ -192,7 +235,7 @@ class ProcessEngine(Engine):
                 with self._start_lock:
                     if self._stopping:
                         return
-                    self._spawn()
+                    self._spawn(use_spare=True)
             except BaseException as e:  # noqa: BLE001 - counted as a failed attempt; logged
                 logger.error("engine process restart %d failed: %r", self._consecutive_restarts, e)
                 continue
@@ -484,11 +527,29 @@ def _picklable(error: BaseException) -> BaseException:
         return EngineError(f"{type(error).__name__}: {error}")
 
 
+def _prepare(settings: dict[str, Any]) -> None:
+    """What a warm spare does before it is needed: imports, and the tokenizer (host only; no
+    device is touched, so a spare costs host memory only)."""
+    try:
+        import app.engines.embedded.engine  # noqa: F401 - torch, transformers, the engine
+        from app.engines.hf_tokenizer import HFTokenizer
+
+        HFTokenizer.from_settings(AppSettings.from_args(settings).model)
+    except Exception:  # noqa: BLE001 - best effort: the real start reports real errors
+        logger.warning("warm spare: preparing failed:\n%s", traceback.format_exc())
+
+
 async def _serve(conn: Connection) -> None:
     from app.engines.factory import make_engine
 
     try:
-        _, settings = conn.recv()
+        kind, settings = conn.recv()
+        if kind == "prepare":  # a warm spare: get the slow imports done, then wait to be needed
+            _prepare(settings)
+            kind, settings = conn.recv()
+    except (EOFError, OSError):  # the replica went away (or no longer needs this spare)
+        return
+    try:
         engine = make_engine(AppSettings.from_args(settings))
         await engine.start()
     except BaseException as e:  # noqa: BLE001 - the replica raises it

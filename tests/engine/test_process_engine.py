@@ -23,7 +23,8 @@ from app.errors import EngineError  # noqa: E402
 from app.protocol import GenerateRequest, SamplingParams  # noqa: E402
 
 CACHE_DIR = os.environ.get("SGLSERVE_TEST_CACHE", str(Path(__file__).parents[2] / ".cache" / "models"))
-ENGINE = {"max_total_tokens": 16384, "torch_threads": 1, "chunked_prefill_size": 64}
+ENGINE = {"max_total_tokens": 16384, "torch_threads": 1, "chunked_prefill_size": 64,
+          "warm_spare_process": False}  # restarts: tests/chaos
 
 
 def settings(**engine) -> AppSettings:
