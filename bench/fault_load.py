@@ -190,4 +190,40 @@ def summarize(outcomes: list[Outcome], fault_at: float | None = None) -> dict[st
     if fault_at is not None:
         after = sorted(o.ended for o in outcomes if o.ok and o.started >= fault_at)
         summary["recovery_s"] = round(after[0] - fault_at, 3) if after else None
+        # In flight at the fault vs sent after it (what a dead Ingress may lose vs what it must not).
+        summary["lost_in_flight_at_fault"] = sum(1 for o in failed if o.started < fault_at)
+        summary["lost_sent_after_fault"] = sum(1 for o in failed if o.started >= fault_at)
     return summary
+
+
+@dataclass
+class FaultRun:
+    name: str
+    fault_at: float
+    recovered_at: float
+    outcomes: list[Outcome]
+    summary: dict[str, Any]
+
+
+def run_fault(base: str, name: str, inject: Callable[[], None], recovered: Callable[[], bool], *,
+              clients: int, deadline_s: float, after_recovery: int | None = None,
+              sender: Sender | None = None) -> FaultRun:
+    """Closed-loop load on `base`; once requests flow, `inject()` the fault; poll `recovered()`
+    (bounded by `deadline_s`), then wait for `after_recovery` more successes and stop the load."""
+    load = ClosedLoopLoad(sender or mixed_sender(base), clients).start()
+    try:
+        if not load.wait_for_successes_after(0.0, clients, deadline_s):
+            raise AssertionError(f"{name}: no request succeeded before the fault")
+        fault_at = time.monotonic()
+        inject()
+        deadline = time.monotonic() + deadline_s
+        while not recovered():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{name}: no recovery within {deadline_s} s")
+            time.sleep(0.1)
+        recovered_at = time.monotonic()
+        if not load.wait_for_successes_after(recovered_at, after_recovery or 2 * clients, deadline_s):
+            raise AssertionError(f"{name}: requests did not succeed again after recovery")
+    finally:
+        outcomes = load.stop()
+    return FaultRun(name, fault_at, recovered_at, outcomes, summarize(outcomes, fault_at))

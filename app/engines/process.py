@@ -85,6 +85,7 @@ class ProcessEngine(Engine):
         self._consecutive_restarts = 0
         self._child_started_at = 0.0
         self._spare: tuple[subprocess.Popen, Connection] | None = None  # see _prepare_spare
+        self._spare_prepared: tuple[subprocess.Popen, Connection] | None = None  # it said so
         self.restarts = 0  # children started after the first
         self.last_restart_s: float | None = None  # death noticed -> new child ready
 
@@ -133,6 +134,23 @@ class ProcessEngine(Engine):
             logger.warning("engine process: no warm spare (%r)", e)
             return
         self._spare = (proc, conn)
+
+    def spare_ready(self) -> bool:
+        """Whether a warm spare has finished preparing (read without blocking; tests and benchmarks
+        wait for it so that they measure the restart it is for)."""
+        if not self._start_lock.acquire(blocking=False):  # a restart is reading the spare's socket
+            return False
+        try:
+            spare = self._spare
+            if spare is None or spare[0].poll() is not None:
+                return False
+            if self._spare_prepared is not spare and spare[1].poll() and spare[1].recv()[0] == "prepared":
+                self._spare_prepared = spare
+            return self._spare_prepared is spare
+        except (EOFError, OSError):
+            return False
+        finally:
+            self._start_lock.release()
 
     def _take_spare(self) -> tuple[subprocess.Popen, Connection] | None:
         spare, self._spare = self._spare, None
@@ -188,6 +206,8 @@ class ProcessEngine(Engine):
             message = conn.recv()
         except (EOFError, OSError) as e:
             raise EngineError(f"the engine process closed its connection while starting: {e!r}") from e
+        while message[0] == "prepared":  # a spare's note that its imports are done
+            message = conn.recv()
         if message[0] == "fatal":
             raise message[1]
         return message
@@ -316,7 +336,8 @@ class ProcessEngine(Engine):
     def server_args(self) -> dict[str, Any]:
         pid = self._proc.pid if self._proc is not None else None
         return {**self._server_args, "separate_process": True, "engine_pid": pid,
-                "engine_restarts": self.restarts, "last_engine_restart_s": self.last_restart_s}
+                "engine_restarts": self.restarts, "last_engine_restart_s": self.last_restart_s,
+                "warm_spare_ready": self.spare_ready() if self.settings.engine.warm_spare_process else None}
 
     # ---- plumbing -----------------------------------------------------------------------------
     def _unavailable(self) -> EngineUnavailableError:
@@ -546,6 +567,7 @@ async def _serve(conn: Connection) -> None:
         kind, settings = conn.recv()
         if kind == "prepare":  # a warm spare: get the slow imports done, then wait to be needed
             _prepare(settings)
+            conn.send(("prepared",))
             kind, settings = conn.recv()
     except (EOFError, OSError):  # the replica went away (or no longer needs this spare)
         return

@@ -19,8 +19,8 @@ import time
 import httpx
 import pytest
 
-from bench.fault_load import ClosedLoopLoad, Outcome, mixed_sender, summarize
-from tests.conftest import SMALL, deploy, serve_args, wait_ready
+from bench import fault_load
+from tests.conftest import SMALL, deploy, serve_args
 
 pytestmark = pytest.mark.serve
 
@@ -67,29 +67,24 @@ def server_args_of(stack, replica_id: str) -> dict:
     return stack.handle("ModelReplica").server_args.remote(target_replica=replica_id).result(timeout_s=60)
 
 
-def run_fault(stack, name: str, inject, recovered, after_recovery: int = 2 * CLIENTS) -> dict:
-    """Start the load, inject the fault once requests flow, wait until `recovered()` and then for
-    `after_recovery` more successes; return the summary (also printed and kept in SUMMARIES)."""
-    load = ClosedLoopLoad(mixed_sender(stack.base_url), CLIENTS).start()
-    try:
-        assert load.wait_for_successes_after(0.0, CLIENTS, DEADLINE_S), "no request succeeded before the fault"
-        fault_at = time.monotonic()
-        inject()
-        deadline = time.monotonic() + DEADLINE_S
-        while not recovered():
-            assert time.monotonic() < deadline, f"{name}: no recovery within {DEADLINE_S} s"
-            time.sleep(0.1)
-        assert load.wait_for_successes_after(time.monotonic(), after_recovery, DEADLINE_S), \
-            f"{name}: requests did not succeed again after recovery"
-    finally:
-        outcomes = load.stop()
-    summary = summarize(outcomes, fault_at)
+def wait_for_warm_spare(stack, replica_id: str) -> None:
+    """An engine kill measures the restart the warm spare is for: wait until it is prepared."""
+    deadline = time.monotonic() + DEADLINE_S
+    while not server_args_of(stack, replica_id)["warm_spare_ready"]:
+        assert time.monotonic() < deadline, "the warm spare never got ready"
+        time.sleep(0.2)
+
+
+def run_fault(stack, name: str, inject, recovered) -> dict:
+    """Load, fault, recovery (bench/fault_load.py); the summary is printed and kept in SUMMARIES."""
+    summary = fault_load.run_fault(stack.base_url, name, inject, recovered, clients=CLIENTS,
+                                   deadline_s=DEADLINE_S).summary
     SUMMARIES[name] = summary
     print(f"\n{name}: {summary}")
     return summary
 
 
-def assert_no_internal_errors(summary: dict, outcomes_ok: bool = True) -> None:
+def assert_no_internal_errors(summary: dict) -> None:
     assert summary["internal_500"] == 0, summary
     assert summary["503_without_retry_after"] == 0, summary
     assert summary["badly_shaped"] == 0, summary
@@ -107,6 +102,7 @@ def routed_calls_succeed(stack) -> bool:
 
 def test_engine_kill_with_one_replica_is_503_then_restarts(chaos):
     [victim] = replica_ids()
+    wait_for_warm_spare(chaos, victim)
     pid = server_args_of(chaos, victim)["engine_pid"]
     summary = run_fault(
         chaos, "engine_kill_1_replica",
@@ -145,6 +141,7 @@ def test_redeploy_of_a_changed_config_under_load_loses_nothing(chaos, ray_cluste
 
 def test_engine_kill_with_two_replicas_never_500s(chaos):
     victim, _ = replica_ids()
+    wait_for_warm_spare(chaos, victim)
     pid = server_args_of(chaos, victim)["engine_pid"]
     summary = run_fault(
         chaos, "engine_kill_2_replicas",
@@ -184,13 +181,25 @@ def test_model_replica_actor_kill_is_recovered_by_serve(chaos):
 
 
 @pytest.mark.parametrize("deployment", ["Scheduler", "Ingress"])
-def test_scheduler_and_ingress_actor_kills_are_bounded(chaos, deployment):
+def test_scheduler_and_ingress_actor_kills_lose_only_what_was_in_flight(chaos, deployment):
     [victim] = actor_names(deployment)
     summary = run_fault(
         chaos, f"{deployment.lower()}_actor_kill",
         inject=lambda: kill_actor(victim),
         recovered=lambda: actor_names(deployment) not in ([], [victim]) and routed_calls_succeed(chaos),
     )
-    # Requests in flight through the dead actor are lost to their clients; nothing else.
-    assert summary["lost"] <= CLIENTS, summary
-    assert summary["badly_shaped"] == 0, summary
+    # Requests in flight through the dead actor are lost to their clients; requests sent after the
+    # kill wait in Serve (the proxy's / the Ingress's handle) for the new replica, and succeed.
+    assert summary["lost_in_flight_at_fault"] <= CLIENTS, summary
+    assert summary["lost_sent_after_fault"] == 0, summary
+    if deployment == "Scheduler":  # our Ingress answers these, so in OpenAI's shape
+        assert summary["badly_shaped"] == 0, summary
+    # (A dead Ingress's in-flight requests get Ray Serve's proxy's own plain-text 500.)
+
+
+@pytest.mark.xfail(strict=True, reason="the gateway maps a dead Scheduler (RayActorError) to 500; it should "
+                                       "be a retryable 503 (issue 16's gateway); remove this mark when it is")
+def test_scheduler_kill_is_never_a_500(chaos):
+    summary = SUMMARIES.get("scheduler_actor_kill")
+    assert summary is not None, "runs after test_scheduler_and_ingress_actor_kills_lose_only_what_was_in_flight"
+    assert summary["internal_500"] == 0, summary

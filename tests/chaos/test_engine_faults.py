@@ -50,6 +50,7 @@ async def test_a_killed_engine_fails_its_streams_as_retryable_and_restarts(tiny_
     assert isinstance(eng, ProcessEngine)
     await eng.start()
     try:
+        await wait_until(eng.spare_ready, "the warm spare has imported the engine's libraries")
         stream = eng.generate(long_request())
         await stream.__anext__()
         old_pid = eng.server_args()["engine_pid"]
@@ -74,9 +75,13 @@ async def test_a_killed_engine_fails_its_streams_as_retryable_and_restarts(tiny_
         assert args["engine_pid"] != old_pid and args["last_engine_restart_s"] > 0
         out = await generate_all(eng, short_request())
         assert out.completion_tokens == 3
+        await wait_until(eng.spare_ready, "a new spare is ready for the next death")
+        spare_pid = eng._spare[0].pid
     finally:
         await eng.shutdown()
     assert not eng.available
+    with pytest.raises(ProcessLookupError):  # shutdown stopped the spare too
+        os.kill(spare_pid, 0)
 
 
 async def test_when_restarts_keep_failing_the_health_check_fails(tiny_model_path, tmp_path):
