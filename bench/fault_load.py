@@ -186,6 +186,8 @@ def summarize(outcomes: list[Outcome], fault_at: float | None = None) -> dict[st
         "transport_errors": sum(1 for o in outcomes if o.transport_error),
         "badly_shaped": sum(1 for o in outcomes if not o.well_shaped),
         "error_codes": sorted({str((o.error or {}).get("code")) for o in failed if o.error}),
+        "examples": [f"{o.kind} {o.status} {o.transport_error or (o.error or {}).get('message', '')}"[:160]
+                     for o in failed[:3]],
     }
     if fault_at is not None:
         after = sorted(o.ended for o in outcomes if o.ok and o.started >= fault_at)
