@@ -26,8 +26,8 @@ from typing import Any
 
 import httpx
 
-from bench.common import RESULTS, deploy_app, machine, start_ray_serve, stop_ray_serve, write_result
-from bench.fault_load import FaultRun, run_fault
+from bench.common import RESULTS, deploy_app, machine, stop_ray_serve, write_result
+from bench.fault_load import FaultRun, run_fault, start_ray_serve_retrying
 
 DEADLINE_S = 300.0
 CACHE_DIR = os.environ.get("SGLSERVE_TEST_CACHE", os.path.join(os.getcwd(), ".cache", "models"))
@@ -174,7 +174,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     args = parser.parse_args()
     started = time.monotonic()
-    port = start_ray_serve()
+    port = start_ray_serve_retrying()
     runs: list[FaultRun] = []
     restart_s: dict[str, float | None] = {}
     try:

@@ -34,7 +34,8 @@ from typing import Any
 import httpx
 import psutil
 
-from bench.common import MODEL, RESULTS, deploy_app, machine, start_ray_serve, stop_ray_serve, write_result
+from bench.common import MODEL, RESULTS, deploy_app, machine, stop_ray_serve, write_result
+from bench.fault_load import start_ray_serve_retrying
 
 APP = "soak"
 CACHE_DIR = os.environ.get("SGLSERVE_TEST_CACHE", os.path.join(os.getcwd(), ".cache", "models"))
@@ -293,7 +294,7 @@ def report(args, cap: float, rate: float, tally: Tally, samples: list[dict[str, 
 
 async def soak(args) -> None:
     started = time.monotonic()
-    port = start_ray_serve()
+    port = start_ray_serve_retrying()
     try:
         base = deploy_app(port, APP, app_args())
         cap = await capacity(base, args.calibrate_clients, args.calibrate_s)
