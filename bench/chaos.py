@@ -159,13 +159,15 @@ def report(runs: list[FaultRun], restart_s: dict[str, float | None], clients: in
         restart = restart_s.get(run.name)
         lines.append(f"| {run.name} | " + " | ".join(str(s.get(k)) for k in ROW_KEYS)
                      + f" | {'' if restart is None else f'{restart:.2f}'} |")
-    lines += ["", "Other counts per scenario (all should be 0): "]
+    lines += ["", "Other counts per scenario (0 expected, except where the reading below says why):"]
     for run in runs:
         s = run.summary
         lines.append(f"- {run.name}: 503_without_retry_after={s['503_without_retry_after']}, "
                      f"badly_shaped={s['badly_shaped']}, transport_errors={s['transport_errors']}, "
                      f"error codes seen: {', '.join(s['error_codes']) or 'none'}")
-    lines += ["", "![timeline](chaos.png)", ""]
+    lines += ["", "(Add the reading of this run here: what failed, how, and whose job it is.)", "",
+              "![timeline](chaos.png) Outcomes per 0.5 s around each fault (green ok, orange HTTP 503, "
+              "red anything else, including retryable error events in streams).", ""]
     return "\n".join(lines)
 
 
