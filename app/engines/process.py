@@ -161,13 +161,10 @@ class ProcessEngine(Engine):
 
     def _drop_spare(self) -> None:
         spare, self._spare = self._spare, None
-        if spare is not None:
-            spare[1].close()  # it reads EOF and exits
-            try:
-                spare[0].wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                spare[0].kill()
-                spare[0].wait()
+        if spare is not None:  # it holds nothing yet: no need to wait for it to finish its imports
+            spare[1].close()
+            spare[0].kill()
+            spare[0].wait()
 
     def _spawn(self, use_spare: bool = False) -> None:
         """Start a child (or wake the spare) and wait until it serves; raises (and leaves no child
