@@ -62,6 +62,14 @@ class EngineSettings(_Section):
     # Serve's streaming work in the replica does not slow its Python step loop (sglang.Engine
     # already runs its scheduler in processes of its own).
     separate_process: bool = True
+    # When that child process dies, the replica restarts it itself (docs/fault-tolerance.md): up
+    # to this many attempts in a row, waiting restart_backoff_s, then twice that, ... between them;
+    # if all fail, the replica's health check fails and Ray Serve replaces the replica.
+    restart_max_attempts: int = Field(3, ge=0)
+    restart_backoff_s: float = Field(0.5, ge=0)
+    # Keep a second child waiting with the engine's libraries imported, so that a restart only
+    # builds the engine (costs that child's host memory, ~0.3-0.5 GiB; no GPU memory).
+    warm_spare_process: bool = True
     # Constrained decoding.
     grammar_backend: Literal["xgrammar", "none"] = "xgrammar"
     max_grammar_bytes: int = Field(65536, gt=0)

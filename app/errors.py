@@ -124,3 +124,24 @@ def unwrap_error(exc: BaseException) -> BaseException:
         exc = exc.cause  # type: ignore[assignment]
         seen += 1
     return exc
+
+
+class EngineUnavailableError(OverloadedError, EngineError):
+    """503 + Retry-After: this replica's engine cannot serve right now (its process died and is
+    restarting, it ran out of memory in a step, or the replica is draining). Nothing is wrong with
+    the request: `retryable` tells the layer above to send it again (to this replica later, or to
+    another one). Also an EngineError (the engine could not serve), but with 503, not 500."""
+
+    retryable = True
+    error_type = "overloaded_error"
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0, code: str = "engine_unavailable", **kw):
+        super().__init__(message, retry_after_s=retry_after_s, code=code, **kw)
+
+
+class EngineOutOfMemoryError(EngineUnavailableError):
+    """503 + Retry-After: a step ran out of device or host memory; the engine freed the step's
+    requests and goes on, so the same request may well fit a moment later."""
+
+    def __init__(self, message: str, *, code: str = "engine_out_of_memory", **kw):
+        super().__init__(message, code=code, **kw)

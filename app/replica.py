@@ -5,6 +5,10 @@ The scheduler calls `generate` (streaming) on a replica it chose; Ray Serve runs
 pins a replica to its GPU through CUDA_VISIBLE_DEVICES). The replica publishes its load to the
 request router (`record_routing_stats`) and to the autoscaler (`record_autoscaling_stats`), and
 proves it can generate in `check_health`.
+
+Faults (docs/fault-tolerance.md): the replica publishes `available` in its routing stats, False
+while its engine restarts after a crash (the engine restarts itself, see app/engines/process.py) and
+while the replica drains for a scale-down or redeploy; the request router skips such replicas.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from app.streaming import coalesce
 
 logger = logging.getLogger("sglserve.replica")
 
+GRACEFUL_SHUTDOWN_TIMEOUT_S = 20.0  # how long a stopping replica may finish its requests
 STREAMS_PER_INTERVAL = 4  # open streams per base stream interval (see _stream_interval_s)
 
 
@@ -35,6 +40,7 @@ class ModelReplica:
 
         self.settings = AppSettings.from_args(settings)
         self._open_streams = 0
+        self._draining = False  # set when Serve stops this replica: no new work, finish what runs
         try:
             self.replica_id = serve.get_replica_context().replica_id.unique_id
         except Exception:  # noqa: BLE001 - constructed outside Serve (tests)
@@ -110,8 +116,10 @@ class ModelReplica:
         (`target_replica` only steers the request router, as for `stats`)."""
         return device_report(self.settings)
 
-    def server_args(self) -> dict[str, Any]:
-        return self.engine.server_args()
+    def server_args(self, target_replica: str | None = None) -> dict[str, Any]:
+        # `target_replica` only steers the request router (tests/chaos ask each replica for its
+        # engine's pid and restart count).
+        return {**self.engine.server_args(), "available": self.available}
 
     async def check_health(self) -> None:
         """Ray Serve's health probe: a real 1-token generation, bounded in time."""
@@ -119,12 +127,18 @@ class ModelReplica:
             self.engine.health_check(self._health_timeout_s), self._health_timeout_s + 1.0
         )
 
+    @property
+    def available(self) -> bool:
+        """Whether new work should come here: the engine serves and the replica is not draining."""
+        return not self._draining and getattr(self.engine, "available", True)
+
     def record_routing_stats(self) -> dict[str, Any]:
         stats = self.engine.stats()
         return {
             "outstanding_tokens": stats.outstanding_tokens,
             "running": stats.num_running,
             "waiting": stats.num_waiting,
+            "available": self.available,  # app.scheduler.ray_router skips replicas that say False
         }
 
     def record_autoscaling_stats(self) -> dict[str, float]:
@@ -135,7 +149,12 @@ class ModelReplica:
             "kv_usage": stats.num_used_tokens / stats.max_total_tokens if stats.max_total_tokens else 0.0,
         }
 
-    async def __del__(self):  # Ray Serve calls this on graceful shutdown
+    async def __del__(self):
+        """Graceful shutdown (scale-down, redeploy, `serve shutdown`). Ray Serve has already taken
+        this replica out of routing, refused new handle calls (the router retries them elsewhere)
+        and waited for the ongoing ones, up to graceful_shutdown_timeout_s; then it calls this.
+        Say unavailable (stats, health) and stop the engine."""
+        self._draining = True
         await self.engine.shutdown()
 
 
@@ -144,5 +163,5 @@ ModelReplicaDeployment = serve.deployment(
     max_ongoing_requests=256,
     health_check_period_s=10,
     health_check_timeout_s=30,
-    graceful_shutdown_timeout_s=20,
+    graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_TIMEOUT_S,
 )(ModelReplica)

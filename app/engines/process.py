@@ -14,8 +14,14 @@ with the engine's stats), `stats` when only the stats changed, and `reply` for c
 stats as the call left them, so that a caller who saw a flush finish sees an empty cache). The child
 reads with `loop.add_reader`; the replica with a reader thread that wakes the event loop once per
 message (an engine step), not once per token. If the replica
-dies, the child reads EOF and exits; if the child dies, every open stream fails with EngineError
-and the health check fails, so Serve replaces the replica.
+dies, the child reads EOF and exits.
+
+If the child dies (kill -9, a segfault, the OOM killer), the reader sees its end of the socket close
+at once: every open stream and call fails with `EngineUnavailableError` (503 + Retry-After,
+`retryable`), `available` turns False (the replica tells the request router), and a supervisor
+thread starts a new child, with `engine.restart_backoff_s` doubling between attempts and at most
+`engine.restart_max_attempts` attempts in a row. Only if they all fail does the health check fail,
+so that Serve replaces the replica (docs/fault-tolerance.md).
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from typing import Any
 
 from app.config import AppSettings
 from app.engines.base import Engine, Tokenizer
-from app.errors import EngineError, InvalidRequestError
+from app.errors import EngineError, EngineUnavailableError, InvalidRequestError
 from app.protocol import EngineStats, GenerateOutput, GenerateRequest, ModelInfo
 
 logger = logging.getLogger(__name__)
@@ -45,6 +51,9 @@ logger = logging.getLogger(__name__)
 STATS_PERIOD_S = 0.05  # how fresh the replica's view of the engine's stats is while nothing streams
 STOP_TIMEOUT_S = 30.0
 NOT_STARTED = "the engine is not started (await engine.start() first)"
+# A child that served this long before dying counts as healthy: its death starts a fresh series of
+# restart attempts, so a rare crash never uses up the budget meant for a crash loop.
+RESTART_RESET_AFTER_S = 60.0
 
 
 class ProcessEngine(Engine):
@@ -68,40 +77,120 @@ class ProcessEngine(Engine):
         self._tokenizer: Tokenizer | None = None
         self._gone: str | None = None  # why the child is no longer there
         self._start_lock = threading.Lock()
+        self._state_lock = threading.Lock()  # _conn/_gone change together (reader vs supervisor)
+        self._started = False  # the first child came up: later children are the supervisor's job
+        self._stopping = False  # shutdown() was called: a dead child is not restarted
+        self._up = threading.Event()  # set while a child serves
+        self._gave_up: str | None = None  # why restarting failed; the replica then fails its health
+        self._consecutive_restarts = 0
+        self._child_started_at = 0.0
+        self._spare: tuple[subprocess.Popen, Connection] | None = None  # see _prepare_spare
+        self._spare_prepared: tuple[subprocess.Popen, Connection] | None = None  # it said so
+        self.restarts = 0  # children started after the first
+        self.last_restart_s: float | None = None  # death noticed -> new child ready
+
+    @property
+    def available(self) -> bool:
+        """Whether a child serves now (False while it restarts, after a give-up, and once shut down)."""
+        return self._up.is_set()
 
     # ---- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
-        if self._conn is None:
+        if not self._started:
             await asyncio.to_thread(self._start)
 
     def _start(self) -> None:
         with self._start_lock:
-            if self._conn is not None:
+            if self._started:
                 return
-            parent_sock, child_sock = socket.socketpair()
-            env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "app.engines.process", str(child_sock.fileno())],
-                pass_fds=[child_sock.fileno()], env=env,
-            )
-            child_sock.close()
-            conn = Connection(parent_sock.detach())
-            child_settings = self.settings.model_copy(deep=True)
-            child_settings.engine.separate_process = False
-            try:
-                conn.send(("init", child_settings.model_dump(mode="json")))
-                _, self._model_info, self._server_args, self._stats = self._wait_ready(conn)
+            self._spawn()
+            self._started = True
+
+    def _launch(self) -> tuple[subprocess.Popen, Connection]:
+        parent_sock, child_sock = socket.socketpair()
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "app.engines.process", str(child_sock.fileno())],
+            pass_fds=[child_sock.fileno()], env=env,
+        )
+        child_sock.close()
+        return proc, Connection(parent_sock.detach())
+
+    def _child_settings(self) -> dict[str, Any]:
+        child_settings = self.settings.model_copy(deep=True)
+        child_settings.engine.separate_process = False
+        return child_settings.model_dump(mode="json")
+
+    def _prepare_spare(self) -> None:
+        """Start the warm spare (engine.warm_spare_process): a child that imports the engine's
+        libraries and loads the tokenizer now, then waits. A restart hands it the engine to build,
+        which skips most of a cold start (imports were most of it, measured on 2 CPU cores)."""
+        if not self.settings.engine.warm_spare_process or self._stopping or self._spare is not None:
+            return
+        try:
+            proc, conn = self._launch()
+            conn.send(("prepare", self._child_settings()))
+        except OSError as e:
+            logger.warning("engine process: no warm spare (%r)", e)
+            return
+        self._spare = (proc, conn)
+
+    def spare_ready(self) -> bool:
+        """Whether a warm spare has finished preparing (read without blocking; tests and benchmarks
+        wait for it so that they measure the restart it is for)."""
+        if not self._start_lock.acquire(blocking=False):  # a restart is reading the spare's socket
+            return False
+        try:
+            spare = self._spare
+            if spare is None or spare[0].poll() is not None:
+                return False
+            if self._spare_prepared is not spare and spare[1].poll() and spare[1].recv()[0] == "prepared":
+                self._spare_prepared = spare
+            return self._spare_prepared is spare
+        except (EOFError, OSError):
+            return False
+        finally:
+            self._start_lock.release()
+
+    def _take_spare(self) -> tuple[subprocess.Popen, Connection] | None:
+        spare, self._spare = self._spare, None
+        if spare is not None and spare[0].poll() is not None:  # it died meanwhile: start cold
+            spare[1].close()
+            return None
+        return spare
+
+    def _drop_spare(self) -> None:
+        spare, self._spare = self._spare, None
+        if spare is not None:  # it holds nothing yet: no need to wait for it to finish its imports
+            spare[1].close()
+            spare[0].kill()
+            spare[0].wait()
+
+    def _spawn(self, use_spare: bool = False) -> None:
+        """Start a child (or wake the spare) and wait until it serves; raises (and leaves no child
+        behind) if it fails."""
+        spare = self._take_spare() if use_spare else None
+        self._proc, conn = spare or self._launch()
+        try:
+            conn.send(("init", self._child_settings()))
+            _, self._model_info, self._server_args, self._stats = self._wait_ready(conn)
+            if self._tokenizer is None:
                 from app.engines.hf_tokenizer import HFTokenizer
 
                 self._tokenizer = HFTokenizer.from_settings(self.settings.model)
-            except BaseException:
-                conn.close()
-                self._reap()
-                raise
+        except BaseException:
+            conn.close()
+            self._reap()
+            raise
+        with self._state_lock:
             self._conn = conn
-            self._reader = threading.Thread(target=self._read_forever, name="engine-process-reader",
-                                            daemon=True)
-            self._reader.start()
+            self._gone = None
+            self._child_started_at = time.monotonic()
+            self._up.set()
+        self._reader = threading.Thread(target=self._read_forever, args=(conn,),
+                                        name="engine-process-reader", daemon=True)
+        self._reader.start()
+        self._prepare_spare()
 
     def _wait_ready(self, conn: Connection) -> tuple:
         """Block until the child is ready; its own error if it failed to start."""
@@ -114,22 +203,27 @@ class ProcessEngine(Engine):
             message = conn.recv()
         except (EOFError, OSError) as e:
             raise EngineError(f"the engine process closed its connection while starting: {e!r}") from e
+        while message[0] == "prepared":  # a spare's note that its imports are done
+            message = conn.recv()
         if message[0] == "fatal":
             raise message[1]
         return message
 
-    def _reap(self) -> None:
+    def _reap(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
         if self._proc is None:
             return
         try:
-            self._proc.wait(STOP_TIMEOUT_S)
+            self._proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
-            logger.warning("engine process %s did not stop in %.0f s: killing it", self._proc.pid, STOP_TIMEOUT_S)
+            logger.warning("engine process %s did not stop in %.0f s: killing it", self._proc.pid, timeout_s)
             self._proc.kill()
             self._proc.wait()
 
     async def shutdown(self) -> None:
+        self._stopping = True  # before anything can notice the child's exit and restart it
+        await asyncio.to_thread(self._drop_spare)
         if self._conn is None or self._gone is not None:
+            self._up.clear()
             return
         try:
             self._send(("stop",))
@@ -137,6 +231,36 @@ class ProcessEngine(Engine):
             pass
         await asyncio.to_thread(self._reap)
         self._child_gone("the engine was shut down")
+
+    def _restart_forever(self) -> None:
+        """The supervisor (a thread, after a child died): start a new child with bounded backoff."""
+        noticed = time.monotonic()
+        self._reap(timeout_s=1.0)  # the dead child (killed if only its socket broke)
+        cfg = self.settings.engine
+        if noticed - self._child_started_at >= RESTART_RESET_AFTER_S:
+            self._consecutive_restarts = 0
+        while not self._stopping:
+            if self._consecutive_restarts >= cfg.restart_max_attempts:
+                self._gave_up = (f"{self._gone}; {self._consecutive_restarts} restart attempt(s) in a row "
+                                 f"failed or died (engine.restart_max_attempts={cfg.restart_max_attempts})")
+                logger.error("engine process: giving up: %s", self._gave_up)
+                self._drop_spare()
+                return
+            time.sleep(cfg.restart_backoff_s * 2 ** self._consecutive_restarts)
+            self._consecutive_restarts += 1
+            try:
+                with self._start_lock:
+                    if self._stopping:
+                        return
+                    self._spawn(use_spare=True)
+            except BaseException as e:  # noqa: BLE001 - counted as a failed attempt; logged
+                logger.error("engine process restart %d failed: %r", self._consecutive_restarts, e)
+                continue
+            self.restarts += 1
+            self.last_restart_s = time.monotonic() - noticed
+            logger.warning("engine process restarted (pid %s) %.2f s after it died", self._proc.pid,
+                           self.last_restart_s)
+            return
 
     # ---- the async API ------------------------------------------------------------------------
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
@@ -184,8 +308,12 @@ class ProcessEngine(Engine):
         return await self._call("flush_cache")
 
     async def health_check(self, timeout_s: float = 10.0) -> None:
-        if self._gone is not None:
-            raise EngineError(f"health check: {self._gone}")
+        """A real 1-token generation. While the child restarts, wait for it (bounded) instead of
+        failing at once: Serve would replace a replica that is about to serve again."""
+        if self._gave_up is not None or self._stopping:
+            raise EngineError(f"health check: {self._gave_up or 'the engine was shut down'}")
+        if not self._up.is_set() and not await asyncio.to_thread(self._up.wait, timeout_s):
+            raise EngineUnavailableError(f"health check: the engine is still restarting ({self._gone})")
         await asyncio.wait_for(self._call("health_check", timeout_s), timeout_s + 5.0)
 
     def stats(self) -> EngineStats:
@@ -204,20 +332,31 @@ class ProcessEngine(Engine):
 
     def server_args(self) -> dict[str, Any]:
         pid = self._proc.pid if self._proc is not None else None
-        return {**self._server_args, "separate_process": True, "engine_pid": pid}
+        return {**self._server_args, "separate_process": True, "engine_pid": pid,
+                "engine_restarts": self.restarts, "last_engine_restart_s": self.last_restart_s,
+                "warm_spare_ready": self.spare_ready() if self.settings.engine.warm_spare_process else None}
 
     # ---- plumbing -----------------------------------------------------------------------------
+    def _unavailable(self) -> EngineUnavailableError:
+        why = self._gave_up or self._gone or "the engine process is gone"
+        return EngineUnavailableError(f"the engine is unavailable ({why}); retry", retry_after_s=self._retry_after_s())
+
+    def _retry_after_s(self) -> float:
+        """About when a restarting engine serves again (a new child took ~2-4 s on 2 CPU cores)."""
+        return max(1.0, self.last_restart_s or 2.0)
+
     def _send(self, message: tuple) -> None:
-        if self._gone is not None:
-            raise EngineError(self._gone)
-        if self._conn is None:
+        conn = self._conn
+        if self._gone is not None or (conn is None and self._started):
+            raise self._unavailable()
+        if conn is None:
             raise EngineError(NOT_STARTED)
         try:
             with self._send_lock:
-                self._conn.send(message)
+                conn.send(message)
         except OSError as e:
-            self._child_gone(f"the engine process is gone ({e!r})")
-            raise EngineError(self._gone or "the engine process is gone") from e
+            self._child_gone(f"the engine process is gone ({e!r})", conn)
+            raise self._unavailable() from e
 
     async def _call(self, name: str, *args: Any) -> Any:
         await self.start()
@@ -231,15 +370,13 @@ class ProcessEngine(Engine):
         finally:
             self._calls.pop(call_id, None)
 
-    def _read_forever(self) -> None:
-        conn = self._conn
-        assert conn is not None
+    def _read_forever(self, conn: Connection) -> None:
         while True:
             try:
                 message = conn.recv()
             except (EOFError, OSError, TypeError):  # TypeError: we closed it ourselves meanwhile
                 code = self._proc.poll() if self._proc is not None else None
-                self._child_gone(f"the engine process exited (code {code}); see the replica's log")
+                self._child_gone(f"the engine process exited (code {code}); see the replica's log", conn)
                 return
             try:
                 self._dispatch(message)
@@ -265,17 +402,28 @@ class ProcessEngine(Engine):
             if call is not None:
                 _call_soon(call[0], _settle, call[1], ok, value)
 
-    def _child_gone(self, reason: str) -> None:
-        if self._gone is not None:
-            return
-        self._gone = reason
-        if self._conn is not None:
-            self._conn.close()
-        error = EngineError(reason)
+    def _child_gone(self, reason: str, conn: Connection | None = None) -> None:
+        """The child is gone (or being stopped): fail what waits on it, then restart it unless the
+        engine is shutting down. `conn`: the connection that broke (a previous child's reader
+        noticing its own end late must not touch the current child)."""
+        with self._state_lock:
+            if self._gone is not None or (conn is not None and conn is not self._conn):
+                return
+            self._gone = reason
+            self._up.clear()
+            dead, self._conn = self._conn, None
+            self._stats = EngineStats()  # nothing runs or holds KV in a dead engine
+        if dead is not None:
+            dead.close()
+        if not self._stopping:
+            logger.error("engine process: %s; failing %d stream(s) and restarting it", reason, len(self._streams))
+        error = self._unavailable()
         for loop, queue in list(self._streams.values()):
             _call_soon(loop, _deliver, [(queue, error)])
         for loop, future in list(self._calls.values()):
             _call_soon(loop, _settle, future, False, error)
+        if self._started and not self._stopping:
+            threading.Thread(target=self._restart_forever, name="engine-process-supervisor", daemon=True).start()
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, callback: Any, *args: Any) -> None:
@@ -397,11 +545,30 @@ def _picklable(error: BaseException) -> BaseException:
         return EngineError(f"{type(error).__name__}: {error}")
 
 
+def _prepare(settings: dict[str, Any]) -> None:
+    """What a warm spare does before it is needed: imports, and the tokenizer (host only; no
+    device is touched, so a spare costs host memory only)."""
+    try:
+        import app.engines.embedded.engine  # noqa: F401 - torch, transformers, the engine
+        from app.engines.hf_tokenizer import HFTokenizer
+
+        HFTokenizer.from_settings(AppSettings.from_args(settings).model)
+    except Exception:  # noqa: BLE001 - best effort: the real start reports real errors
+        logger.warning("warm spare: preparing failed:\n%s", traceback.format_exc())
+
+
 async def _serve(conn: Connection) -> None:
     from app.engines.factory import make_engine
 
     try:
-        _, settings = conn.recv()
+        kind, settings = conn.recv()
+        if kind == "prepare":  # a warm spare: get the slow imports done, then wait to be needed
+            _prepare(settings)
+            conn.send(("prepared",))
+            kind, settings = conn.recv()
+    except (EOFError, OSError):  # the replica went away (or no longer needs this spare)
+        return
+    try:
         engine = make_engine(AppSettings.from_args(settings))
         await engine.start()
     except BaseException as e:  # noqa: BLE001 - the replica raises it

@@ -80,6 +80,14 @@ def extract_request(pending_request: PendingRequest | None) -> _Extracted | None
     return None
 
 
+def _available(replicas: list[RunningReplica]) -> list[RunningReplica]:
+    """Replicas whose routing stats do not say `available: False` (engine restarting, draining).
+    If none is available, all of them: the request then gets the replica's fast, retryable 503
+    instead of waiting in Ray's routing loop, which has no deadline."""
+    up = [r for r in replicas if (r.routing_stats or {}).get("available", True)]
+    return up or replicas
+
+
 # FIFOMixin: with the base class alone (match the routed replica to the exact request), Ray Serve
 # 2.60 left one of several concurrent requests unrouted for 10-20 s (seen with 4 identical prompts
 # at once). FIFO hands the chosen replica to the oldest waiting request; when replicas accept at once
@@ -115,6 +123,8 @@ class PolicyRequestRouter(FIFOMixin, RequestRouter):
         target = pending_request.kwargs.get(TARGET_REPLICA_KWARG) if pending_request is not None else None
         if target in by_id:  # a call meant for one replica (e.g. a cache flush sent to each)
             return [[by_id[target]]]
+        candidate_replicas = _available(candidate_replicas)
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         states = [self._state_of(r) for r in candidate_replicas]
         request = extract_request(pending_request)
         if request is None:

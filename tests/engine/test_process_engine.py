@@ -23,7 +23,8 @@ from app.errors import EngineError  # noqa: E402
 from app.protocol import GenerateRequest, SamplingParams  # noqa: E402
 
 CACHE_DIR = os.environ.get("SGLSERVE_TEST_CACHE", str(Path(__file__).parents[2] / ".cache" / "models"))
-ENGINE = {"max_total_tokens": 16384, "torch_threads": 1, "chunked_prefill_size": 64}
+ENGINE = {"max_total_tokens": 16384, "torch_threads": 1, "chunked_prefill_size": 64,
+          "warm_spare_process": False}  # restarts: tests/chaos
 
 
 def settings(**engine) -> AppSettings:
@@ -65,7 +66,9 @@ async def test_stats_and_settings_come_from_the_child(engine):
 
 
 async def test_a_killed_engine_process_fails_streams_and_health(tiny_model_path):
-    eng = make_engine(settings())
+    # With restarts off, the replica's health check fails and Serve replaces the replica
+    # (restarts: tests/chaos/test_engine_restart.py).
+    eng = make_engine(settings(restart_max_attempts=0))
     await eng.start()
     try:
         stream = eng.generate(GenerateRequest(text="x", sampling=SamplingParams(max_new_tokens=400, ignore_eos=True)))
@@ -85,7 +88,7 @@ async def test_a_killed_engine_process_fails_streams_and_health(tiny_model_path)
 
 
 async def test_the_engine_process_exits_when_the_replica_side_goes_away(tiny_model_path):
-    eng = make_engine(settings())
+    eng = make_engine(settings(restart_max_attempts=0))
     await eng.start()
     proc = eng._proc
     eng._child_gone("simulated: the replica process died")  # closes our end of the socket, as death does

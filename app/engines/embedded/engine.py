@@ -39,7 +39,7 @@ from app.engines.embedded.kv_pool import (
 from app.engines.embedded.model_runner import ModelRunner
 from app.engines.embedded.radix_cache import RadixCache
 from app.engines.embedded.request import Req, TextStream
-from app.errors import EngineError, InvalidRequestError
+from app.errors import EngineError, EngineOutOfMemoryError, InvalidRequestError
 from app.protocol import (
     EngineStats,
     FinishReason,
@@ -548,7 +548,7 @@ class EmbeddedEngine(Engine):
 
     def _fail_active(self, exc: Exception) -> None:
         s = self.scheduler
-        error = EngineError(f"the engine failed while serving this request: {exc!r}")
+        error = _step_error(exc)
         affected = {id(r): r for r in [*self._inflight, *s.running, *([s.chunked] if s.chunked else [])]}
         self._inflight = []
         for req in affected.values():
@@ -597,6 +597,17 @@ class EmbeddedEngine(Engine):
             gen_throughput_tok_s=throughput,
             outstanding_tokens=s.outstanding_tokens(),
         )
+
+
+def _step_error(exc: Exception) -> EngineError:
+    """What the requests of a failed step get. Out of memory (device or host) is the load, not the
+    request: 503 + Retry-After, retryable; their KV is freed, so a retry may fit."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # give the allocator's cached blocks back before the next step
+        return EngineOutOfMemoryError(f"the engine ran out of memory in a step ({type(exc).__name__}); "
+                                      "this request was freed: retry")
+    return EngineError(f"the engine failed while serving this request: {exc!r}")
 
 
 def _entry(logprob: float | None, token: int, text_of: Any) -> LogprobEntry:
