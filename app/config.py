@@ -16,6 +16,7 @@ from app.lang.settings import RunSettings
 from app.security import SecuritySettings
 
 from app.metrics import ObservabilitySettings
+from app.jobs.settings import JobsSettings
 
 TINY_MODEL = "sglserve/tiny-llama"  # built locally by app.engines.tiny_model; the default
 
@@ -113,6 +114,7 @@ class AppSettings(_Section):
     run: RunSettings = Field(default_factory=RunSettings)  # /run: limits and registered functions
     security: SecuritySettings = Field(default_factory=SecuritySettings)  # API keys
     observability: ObservabilitySettings = Field(default_factory=ObservabilitySettings)
+    jobs: JobsSettings = Field(default_factory=JobsSettings)  # async jobs, callbacks, Batch API
 
     @classmethod
     def from_args(cls, args: dict[str, Any] | None) -> "AppSettings":

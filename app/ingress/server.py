@@ -25,6 +25,9 @@ from app.security import Authenticator
 from app.ingress.native_api import native_router
 from app.ingress.openai_api import openai_router
 from app.ingress.run_api import run_router
+from app.ingress.batch_api import batch_router
+from app.ingress.jobs_api import job_service, jobs_router
+from app.jobs.conversion import JobConversion
 from app.logs import configure_ingress_observability, start_request_trace
 
 logger = logging.getLogger("sglserve.ingress")
@@ -50,6 +53,8 @@ def gateway_of(request: Request) -> Gateway:
 api.include_router(openai_router(gateway_of))
 api.include_router(native_router(gateway_of))
 api.include_router(run_router(gateway_of))
+api.include_router(jobs_router(gateway_of))
+api.include_router(batch_router(gateway_of))
 
 
 # -- errors ----------------------------------------------------------------------------------------
@@ -182,6 +187,8 @@ class RequestContext:
         return None
 
 
+# Inside RequestContext (added after it = outside it): the caller is authenticated first.
+api.add_middleware(JobConversion, service_of=lambda: job_service(_Current.gateway))
 api.add_middleware(RequestContext)
 
 
@@ -248,7 +255,8 @@ def load_model_limits(settings: AppSettings) -> tuple[ModelLimits, Any]:
 
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, scheduler: DeploymentHandle, settings: dict[str, Any]):
+    def __init__(self, scheduler: DeploymentHandle, settings: dict[str, Any],
+                 job_runner: DeploymentHandle | None = None):  # bound so that Serve deploys it
         app_settings = AppSettings.from_args(settings)
         limits, tokenizer = load_model_limits(app_settings)
         configure_ingress_observability(limits.name, app_settings.observability)
