@@ -5,7 +5,6 @@ The `openai` client works unchanged. Files and batches belong to the API key tha
 lines of a batch run as low-priority jobs (app.jobs.batches, app.jobs.runner).
 """
 
-from __future__ import annotations
 
 import time
 

@@ -4,7 +4,6 @@ A job belongs to the API key that submitted it (or "anonymous" without keys); an
 404 for it, as for a job that does not exist. Results stay for `jobs.retention_s`.
 """
 
-from __future__ import annotations
 
 from typing import Any
 
