@@ -62,7 +62,7 @@ class JobConversion:
         except ValueError:
             body = None
         if not isinstance(body, dict) or body.get("stream"):
-            await self.app(scope, replay(raw), send)  # the route reports a bad body; streams never convert
+            await self.app(scope, replay(raw, receive), send)  # a bad body: the route says so; streams never convert
             return
         try:
             await self._convertible(service, scope, body, raw, send)
@@ -85,7 +85,11 @@ class JobConversion:
                      + [(b"content-length", str(len(raw)).encode())])
         captured = CapturedResponse()
         task = asyncio.create_task(self._run(inner, raw, captured))
-        done, _ = await asyncio.wait({task}, timeout=wait_s)
+        try:
+            done, _ = await asyncio.wait({task}, timeout=wait_s)
+        except asyncio.CancelledError:  # the client went away before its wait ended: as before jobs
+            task.cancel()
+            raise
         if not done:
             try:
                 job = await service.adopt(path, body, identity_of(state), callback, task, state, job_id)

@@ -8,6 +8,7 @@ in the request state exactly where the Ingress's auth middleware would put it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -69,8 +70,10 @@ class CapturedResponse:
         return Outcome(self.status_code, body, headers)
 
 
-def replay(body: bytes):
-    """An ASGI `receive` that hands over an already-read body once."""
+def replay(body: bytes, then=None):
+    """An ASGI `receive` that hands over an already-read body once, then passes on to the client's
+    own `receive` (which tells of a disconnect), or, for a job that has no client, waits forever:
+    a route that listens for a disconnect must not see one just because the body was read."""
     sent = False
 
     async def receive() -> dict:
@@ -78,6 +81,9 @@ def replay(body: bytes):
         if not sent:
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
+        if then is not None:
+            return await then()
+        await asyncio.Event().wait()
         return {"type": "http.disconnect"}
 
     return receive
