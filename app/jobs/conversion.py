@@ -78,9 +78,9 @@ class JobConversion:
         had_callback = "callback_url" in body
         callback = await service.callback(body, headers.get("x-callback-url"))
         job_id = new_id("job")
-        service.prepare_body(path, body, job_id, state)
-        if had_callback or "rid" in state:
-            raw = body_bytes(body)
+        sent = service.prepare_body(path, body, f"{job_id.removeprefix('job_')}-1", state)
+        if had_callback or sent is not body:
+            raw = body_bytes(sent)
         inner = dict(scope, headers=[(k, v) for k, v in scope["headers"] if k != b"content-length"]
                      + [(b"content-length", str(len(raw)).encode())])
         captured = CapturedResponse()

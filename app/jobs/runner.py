@@ -103,8 +103,7 @@ class JobRunner:
         state = job.identity.request_state()
         if kind == "line":  # batch work goes last in the scheduler's queue
             state["priority"] = state["max_priority"] = self.cfg.batch_priority
-        body = dict(job.body)
-        JobService.prepare_body(job.path, body, job.id, state)
+        body = JobService.prepare_body(job.path, job.body, f"{job.id.removeprefix('job_')}-{job.attempts}", state)
         task = asyncio.create_task(call_route(self.app, job.path, body_bytes(body), state))
         try:
             await supervise(self.ledger, kind, job, self.worker, task, state, self._abort)

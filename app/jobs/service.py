@@ -58,12 +58,15 @@ class JobService:
         return Callback(url=url)
 
     @staticmethod
-    def prepare_body(path: str, body: dict[str, Any], job_id: str, state: dict[str, Any]) -> None:
-        """Give a native /generate request an id we know, so a cancel can abort it in the engine
-        (OpenAI routes record theirs in the request state themselves)."""
+    def prepare_body(path: str, body: dict[str, Any], rid: str, state: dict[str, Any]) -> dict[str, Any]:
+        """The body to send: a native /generate request gets a request id we know, so a cancel can
+        abort it in the engine (OpenAI routes record theirs in the request state themselves). The
+        id is per attempt: a re-run must not share an id with its orphaned first run."""
         if path == "/generate" and body.get("rid") is None and not isinstance(body.get("text"), list) \
                 and not (body.get("input_ids") and isinstance(body["input_ids"][0], list)):
-            body["rid"] = state["rid"] = job_id.removeprefix("job_")
+            state["rid"] = rid
+            return {**body, "rid": rid}
+        return body
 
     # -- auto-conversion: a request that outlived its wait becomes a job -------------------------------
 
