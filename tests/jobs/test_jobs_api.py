@@ -59,7 +59,7 @@ def test_slow_request_becomes_a_job_and_its_signed_callback_arrives(app, receive
     assert polled["result"] == delivery.job["result"]
 
 
-def test_queued_chat_request_converts_and_a_fast_one_does_not(app, receiver, tmp_path):
+def test_queued_chat_and_native_requests_convert_and_a_fast_one_does_not(app, receiver, tmp_path):
     fast = httpx.post(f"{app.base_url}/v1/chat/completions", json=chat_body("hi"), headers=ALICE, timeout=120)
     assert fast.status_code == 200 and fast.json()["object"] == "chat.completion"
 
@@ -73,7 +73,12 @@ def test_queued_chat_request_converts_and_a_fast_one_does_not(app, receiver, tmp
                       json={**chat_body("hi"), "callback_url": receiver.url},
                       headers={**ALICE, "X-Max-Wait-S": "0.5"}, timeout=60)
     assert slow.status_code == 202, slow.text
+    native = httpx.post(f"{app.base_url}/generate", timeout=60, headers={**ALICE, "X-Max-Wait-S": "0.5"},
+                        json={"text": "hi", "sampling_params": {"max_new_tokens": 4, "temperature": 0}})
+    assert native.status_code == 202, native.text
     go.touch()
+    native_done = wait_status(app.base_url, native.json()["id"], ("succeeded", "failed"))
+    assert native_done["status"] == "succeeded" and native_done["result"]["meta_info"]["completion_tokens"] == 4
     done = wait_status(app.base_url, slow.json()["id"], ("succeeded", "failed"))
     assert done["status"] == "succeeded"
     assert done["result"]["choices"][0]["message"]["content"] == fast.json()["choices"][0]["message"]["content"]
