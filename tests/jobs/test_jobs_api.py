@@ -16,7 +16,16 @@ from tests.jobs.apps import (ALICE, BOB, KEY_ALICE, MODEL, chat_body, get_job, h
                              wait_status)
 from tests.jobs.conftest import SECRET, WRONG_SECRET
 
-pytestmark = pytest.mark.serve
+pytestmark = [pytest.mark.serve, pytest.mark.timeout(900)]  # generous: the machine is shared
+
+
+@pytest.fixture
+def go(tmp_path):
+    """The file that releases held programs; created at teardown too, so that a failed test never
+    leaves the application's only admission slot held for the next one."""
+    path = tmp_path / "go"
+    yield path
+    path.touch()
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +44,7 @@ def assert_error(response: httpx.Response, status: int) -> dict:
     return error
 
 
-def test_slow_request_becomes_a_job_and_its_signed_callback_arrives(app, receiver, tmp_path):
-    go = tmp_path / "go"
+def test_slow_request_becomes_a_job_and_its_signed_callback_arrives(app, receiver, go):
     response = httpx.post(f"{app.base_url}/run", json=held_program(go), timeout=60,
                           headers={**ALICE, "X-Max-Wait-S": "0.5", "X-Callback-URL": receiver.url})
     assert response.status_code == 202, response.text
@@ -59,11 +67,10 @@ def test_slow_request_becomes_a_job_and_its_signed_callback_arrives(app, receive
     assert polled["result"] == delivery.job["result"]
 
 
-def test_queued_chat_and_native_requests_convert_and_a_fast_one_does_not(app, receiver, tmp_path):
+def test_queued_chat_and_native_requests_convert_and_a_fast_one_does_not(app, receiver, go):
     fast = httpx.post(f"{app.base_url}/v1/chat/completions", json=chat_body("hi"), headers=ALICE, timeout=120)
     assert fast.status_code == 200 and fast.json()["object"] == "chat.completion"
 
-    go = tmp_path / "go"
     holder = httpx.post(f"{app.base_url}/v1/jobs", json={"path": "/run", "body": held_program(go)},
                         headers=ALICE, timeout=60)
     assert holder.status_code == 202, holder.text
@@ -87,8 +94,7 @@ def test_queued_chat_and_native_requests_convert_and_a_fast_one_does_not(app, re
     assert Webhook(SECRET).verify(receiver.wait_for(done["id"]).body, receiver.wait_for(done["id"]).headers)
 
 
-def test_direct_jobs_list_and_cancel(app, tmp_path):
-    go = tmp_path / "go"
+def test_direct_jobs_list_and_cancel(app, go):
     holder = httpx.post(f"{app.base_url}/v1/jobs", json={"path": "/run", "body": held_program(go)},
                         headers=ALICE, timeout=60).json()
     wait_status(app.base_url, holder["id"], ("running",))

@@ -19,7 +19,7 @@ from tests.conftest import deploy
 from tests.jobs.apps import ALICE, chat_body, held_program, jobs_app_args, wait_status
 from tests.jobs.conftest import SECRET
 
-pytestmark = pytest.mark.serve
+pytestmark = [pytest.mark.serve, pytest.mark.timeout(1200)]  # generous: the machine is shared
 
 
 def kill_replicas(app_name: str, deployment: str) -> list[str]:
@@ -79,4 +79,5 @@ def test_jobs_survive_killing_the_runner_and_the_ingress(store, ray_cluster, tin
             for delivery in deliveries:
                 assert Webhook(SECRET).verify(delivery.body, delivery.headers)["status"] == "succeeded"
     finally:
+        (tmp_path / "go").touch()
         serve.delete(name)
