@@ -66,12 +66,24 @@ class JobRunner:
     async def tick(self) -> None:
         now = time.time()
         await self._start_due("job", self.cfg.runner_concurrency, now)
-        await self._start_due("line", self.cfg.batch_concurrency, now)
+        await self._start_due("line", await self._batch_room(), now)
         for batch in await self.store.due("batch", now, 16, Batch):
             await self._check_batch(batch)
         if now - self.last_purge > PURGE_EVERY_S:
             self.last_purge = now
             await self.store.purge(now - self.cfg.retention_s)
+
+    async def _batch_room(self) -> int:
+        """How many batch lines may be in flight now: all of `batch_concurrency` when the scheduler
+        serves nothing but them, `batch_concurrency_busy` while anything else is in flight or queued."""
+        if not self._busy("line") and not await self.store.due("line", time.time(), 1, Job):
+            return 0  # no batch work: spare the scheduler the stats call
+        try:
+            admission = (await self.gateway.call_scheduler("stats"))["admission"]
+        except Exception:  # noqa: BLE001 - unknown load: be modest
+            return self.cfg.batch_concurrency_busy
+        others = admission["in_flight"] + admission["queue_depth"] - self._busy("line")
+        return self.cfg.batch_concurrency if others <= 0 else self.cfg.batch_concurrency_busy
 
     def _busy(self, kind: str) -> int:
         return sum(1 for key in self.tasks if key.startswith(f"{kind}:"))

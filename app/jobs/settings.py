@@ -34,6 +34,9 @@ class JobsSettings(BaseModel):
     poll_interval_s: float = Field(0.2, gt=0)  # how often the runner looks for due work
     runner_concurrency: int = Field(16, gt=0)  # jobs one runner executes at once
     batch_concurrency: int = Field(8, gt=0)  # batch lines one runner has in flight at once
+    # ... while other requests are in flight or queued in the scheduler: batch lines fill spare
+    # capacity, and on a busy engine every extra sequence slows each decode step of the others.
+    batch_concurrency_busy: int = Field(1, ge=0)
     batch_priority: int = -1000  # the scheduler priority of batch lines (lowest goes last)
     max_file_bytes: int = Field(4 * 1024 * 1024, gt=0)  # POST /v1/files; beyond: 413
     max_batch_lines: int = Field(50_000, gt=0)
