@@ -234,9 +234,12 @@ began, {batch_during[1]} when it ended (status then: {batch_during[2]}); it ende
 {finished['request_counts']}.
 
 Reading it: the batch's priority orders the scheduler's admission queue, so an interactive request
-never waits behind batch lines for a slot; but once admitted, up to `jobs.batch_concurrency` lines
-share the engine's decode steps with it, and on 2 CPU cores each step is slower with more
-sequences in it. That is the p50 cost; `jobs.batch_concurrency` bounds it. With
+never waits behind batch lines for a slot; but once admitted, batch lines share the engine's
+decode steps with it, and on 2 CPU cores each step is slower with more sequences in it. So the
+runner keeps at most `jobs.batch_concurrency_busy` (1) lines in flight while the scheduler has
+anything else in flight or queued, and fills up to `jobs.batch_concurrency` only when it has not;
+with a closed loop of 2 clients there are short idle gaps, in which the batch ramps up: that, and
+the one line always allowed, is the remaining cost. With
 {args.interactive} samples per phase a p99 is close to the maximum, and the machine is shared
 (load average above), so the p99 figures are noisy.
 
