@@ -19,6 +19,7 @@ from app.ratelimit import RateLimitSettings
 from app.safety import SafetySettings
 
 from app.metrics import ObservabilitySettings
+from app.jobs.settings import JobsSettings
 
 TINY_MODEL = "sglserve/tiny-llama"  # built locally by app.engines.tiny_model; the default
 
@@ -139,6 +140,7 @@ class AppSettings(_Section):
     safety: SafetySettings = Field(default_factory=SafetySettings)  # content filters (app.safety)
     # Canary: several versions of the served model, split by weight (app.canary); empty: one model.
     models: list[ModelVersion] = Field(default_factory=list)
+    jobs: JobsSettings = Field(default_factory=JobsSettings)  # async jobs, callbacks, Batch API
 
     @classmethod
     def from_args(cls, args: dict[str, Any] | None) -> "AppSettings":

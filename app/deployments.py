@@ -16,10 +16,12 @@ from ray.serve.config import RequestRouterConfig
 from app.config import AppSettings
 from app.ingress.server import IngressDeployment
 from app.placement import merge_replica_options, replica_placement
+from app.jobs.runner import JobRunnerDeployment
 from app.replica import ModelReplicaDeployment
 from app.scheduler.deployment import SchedulerDeployment
 
 DEPLOYMENT_NAMES = ("Ingress", "Scheduler", "ModelReplica")
+OPTIONAL_DEPLOYMENT_NAMES = ("JobRunner",)  # only with jobs.enabled (app/jobs/runner.py)
 
 
 def routing_config(settings: AppSettings) -> RequestRouterConfig:
@@ -43,7 +45,7 @@ def policy_kwargs(settings: AppSettings) -> dict[str, Any]:
 
 def build(settings: AppSettings, options: dict[str, dict[str, Any]] | None = None) -> Application:
     options = options or {}
-    unknown = set(options) - set(DEPLOYMENT_NAMES)
+    unknown = set(options) - set(DEPLOYMENT_NAMES) - set(OPTIONAL_DEPLOYMENT_NAMES)
     if unknown:
         raise ValueError(f"unknown deployments {sorted(unknown)}; known: {DEPLOYMENT_NAMES}")
     raw = settings.model_dump(mode="json")
@@ -52,7 +54,9 @@ def build(settings: AppSettings, options: dict[str, dict[str, Any]] | None = Non
     replica_options = {"request_router_config": routing_config(settings), **placed}
     replica = ModelReplicaDeployment.options(**replica_options).bind(raw)
     scheduler = SchedulerDeployment.options(**options.get("Scheduler", {})).bind(replica, raw)
-    return IngressDeployment.options(**options.get("Ingress", {})).bind(scheduler, raw)
+    # The job runner executes jobs through the same scheduler (app/jobs/runner.py).
+    runner = JobRunnerDeployment.options(**options.get("JobRunner", {})).bind(scheduler, raw) if settings.jobs.enabled else None
+    return IngressDeployment.options(**options.get("Ingress", {})).bind(scheduler, raw, runner)
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:

@@ -59,6 +59,16 @@ ROUTE_SCOPES: dict[str, str] = {
     "/static/{name}": PUBLIC,
     "/v1/stream_tokens": INFERENCE,  # mints a token for the caller's own key
     "/stream": STREAM_TOKEN,
+    # Jobs and OpenAI's Batch API: each key sees only its own (404 for another's).
+    "/v1/jobs": INFERENCE,
+    "/v1/jobs/{job_id}": INFERENCE,
+    "/v1/jobs/{job_id}/cancel": INFERENCE,
+    "/v1/files": INFERENCE,
+    "/v1/files/{file_id}": INFERENCE,
+    "/v1/files/{file_id}/content": INFERENCE,
+    "/v1/batches": INFERENCE,
+    "/v1/batches/{batch_id}": INFERENCE,
+    "/v1/batches/{batch_id}/cancel": INFERENCE,
 }
 
 

@@ -28,6 +28,9 @@ from app.ingress.native_api import native_router
 from app.ingress.openai_api import openai_router
 from app.ingress.run_api import run_router
 from app.ingress.playground_api import is_browser_path, playground_router
+from app.ingress.batch_api import batch_router
+from app.ingress.jobs_api import job_service, jobs_router
+from app.jobs.conversion import JobConversion
 from app.logs import configure_ingress_observability, start_request_trace
 
 logger = logging.getLogger("sglserve.ingress")
@@ -56,6 +59,8 @@ api.include_router(native_router(gateway_of))
 api.include_router(run_router(gateway_of))
 api.include_router(playground_router(gateway_of, lambda: _Current.auth))
 api.include_router(moderation_router())
+api.include_router(jobs_router(gateway_of))
+api.include_router(batch_router(gateway_of))
 
 
 # -- errors ----------------------------------------------------------------------------------------
@@ -197,6 +202,8 @@ class RequestContext:
         return None
 
 
+# Inside RequestContext (added after it = outside it): the caller is authenticated first.
+api.add_middleware(JobConversion, service_of=lambda: job_service(_Current.gateway))
 api.add_middleware(RequestContext)
 
 
@@ -263,7 +270,8 @@ def load_model_limits(settings: AppSettings) -> tuple[ModelLimits, Any]:
 
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, scheduler: DeploymentHandle, settings: dict[str, Any]):
+    def __init__(self, scheduler: DeploymentHandle, settings: dict[str, Any],
+                 job_runner: DeploymentHandle | None = None):  # bound so that Serve deploys it
         app_settings = AppSettings.from_args(settings)
         limits, tokenizer = load_model_limits(app_settings)
         configure_ingress_observability(limits.name, app_settings.observability)

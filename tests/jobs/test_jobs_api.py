@@ -1,0 +1,187 @@
+"""Auto-conversion, the jobs API, callbacks, the OpenAI Batch API and bad input, on a real
+application (Ray Serve, the tiny model, the SQLite store), through real HTTP and the `openai` client."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+from standardwebhooks import Webhook
+from standardwebhooks.webhooks import WebhookVerificationError
+
+from tests.conftest import deploy
+from tests.jobs.apps import (ALICE, BOB, KEY_ALICE, MODEL, chat_body, get_job, held_program, jobs_app_args,
+                             wait_status)
+from tests.jobs.conftest import SECRET, WRONG_SECRET
+
+pytestmark = [pytest.mark.serve, pytest.mark.timeout(900)]  # generous: the machine is shared
+
+
+@pytest.fixture
+def go(tmp_path):
+    """The file that releases held programs; created at teardown too, so that a failed test never
+    leaves the application's only admission slot held for the next one."""
+    path = tmp_path / "go"
+    yield path
+    path.touch()
+
+
+@pytest.fixture(scope="module")
+def app(ray_cluster, tiny_model_path, tmp_path_factory):
+    from ray import serve
+
+    stack = deploy(ray_cluster, "jobs-sqlite", "/jobs-sqlite", jobs_app_args(tmp_path_factory.mktemp("jobs")))
+    yield stack
+    serve.delete("jobs-sqlite")
+
+
+def assert_error(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    return error
+
+
+def test_slow_request_becomes_a_job_and_its_signed_callback_arrives(app, receiver, go):
+    response = httpx.post(f"{app.base_url}/run", json=held_program(go), timeout=60,
+                          headers={**ALICE, "X-Max-Wait-S": "0.5", "X-Callback-URL": receiver.url})
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert job["object"] == "job" and job["status"] == "running"
+    assert response.headers["location"] == f"/jobs-sqlite/v1/jobs/{job['id']}"
+    assert get_job(app.base_url, job["id"])["status"] == "running"  # held: cannot have finished
+
+    go.touch()
+    done = wait_status(app.base_url, job["id"], ("succeeded", "failed"))
+    assert done["status"] == "succeeded" and done["status_code"] == 200
+    assert done["result"]["text"].startswith("Wait: go. Then: ")
+    assert done["result"]["variables"]["tail"] == done["result"]["text"].removeprefix("Wait: go. Then: ")
+
+    delivery = receiver.wait_for(job["id"])
+    assert Webhook(SECRET).verify(delivery.body, delivery.headers)["status"] == "succeeded"
+    with pytest.raises(WebhookVerificationError):
+        Webhook(WRONG_SECRET).verify(delivery.body, delivery.headers)
+    polled = wait_status(app.base_url, job["id"], ("succeeded",))
+    assert polled["result"] == delivery.job["result"]
+
+
+def test_queued_chat_and_native_requests_convert_and_a_fast_one_does_not(app, receiver, go):
+    fast = httpx.post(f"{app.base_url}/v1/chat/completions", json=chat_body("hi"), headers=ALICE, timeout=120)
+    assert fast.status_code == 200 and fast.json()["object"] == "chat.completion"
+
+    holder = httpx.post(f"{app.base_url}/v1/jobs", json={"path": "/run", "body": held_program(go)},
+                        headers=ALICE, timeout=60)
+    assert holder.status_code == 202, holder.text
+    wait_status(app.base_url, holder.json()["id"], ("running",))
+    # The only admission slot is held by the program above, so this one waits past its 0.5 s.
+    slow = httpx.post(f"{app.base_url}/v1/chat/completions",
+                      json={**chat_body("hi"), "callback_url": receiver.url},
+                      headers={**ALICE, "X-Max-Wait-S": "0.5"}, timeout=60)
+    assert slow.status_code == 202, slow.text
+    native = httpx.post(f"{app.base_url}/generate", timeout=60, headers={**ALICE, "X-Max-Wait-S": "0.5"},
+                        json={"text": "hi", "sampling_params": {"max_new_tokens": 4, "temperature": 0}})
+    assert native.status_code == 202, native.text
+    go.touch()
+    native_done = wait_status(app.base_url, native.json()["id"], ("succeeded", "failed"))
+    assert native_done["status"] == "succeeded" and native_done["result"]["meta_info"]["completion_tokens"] == 4
+    done = wait_status(app.base_url, slow.json()["id"], ("succeeded", "failed"))
+    assert done["status"] == "succeeded"
+    assert done["result"]["choices"][0]["message"]["content"] == fast.json()["choices"][0]["message"]["content"]
+    assert done["usage"]["completion_tokens"] == fast.json()["usage"]["completion_tokens"]
+    assert wait_status(app.base_url, holder.json()["id"], ("succeeded",))["result"]["text"].startswith("Wait: go.")
+    assert Webhook(SECRET).verify(receiver.wait_for(done["id"]).body, receiver.wait_for(done["id"]).headers)
+
+
+def test_direct_jobs_list_and_cancel(app, go):
+    holder = httpx.post(f"{app.base_url}/v1/jobs", json={"path": "/run", "body": held_program(go)},
+                        headers=ALICE, timeout=60).json()
+    wait_status(app.base_url, holder["id"], ("running",))
+    queued = [httpx.post(f"{app.base_url}/v1/jobs", json={"path": "/v1/completions",
+                         "body": {"model": MODEL, "prompt": f"p{i}", "max_tokens": 4, "temperature": 0}},
+                         headers=ALICE, timeout=60).json() for i in range(3)]
+    page = httpx.get(f"{app.base_url}/v1/jobs?limit=2", headers=ALICE, timeout=30).json()
+    assert page["object"] == "list" and page["has_more"] and [j["id"] for j in page["data"]] == [
+        queued[2]["id"], queued[1]["id"]]
+    rest = httpx.get(f"{app.base_url}/v1/jobs?limit=2&after={page['last_id']}", headers=ALICE, timeout=30).json()
+    assert rest["data"][0]["id"] == queued[0]["id"]
+    assert all(j["id"] not in {q["id"] for q in queued} for j in
+               httpx.get(f"{app.base_url}/v1/jobs", headers=BOB, timeout=30).json()["data"])
+
+    cancelled = httpx.post(f"{app.base_url}/v1/jobs/{queued[0]['id']}/cancel", headers=ALICE, timeout=30).json()
+    assert cancelled["status"] == "cancelled"
+    go.touch()
+    for job in queued[1:]:
+        assert wait_status(app.base_url, job["id"], ("succeeded", "failed"))["status"] == "succeeded"
+    assert get_job(app.base_url, queued[0]["id"])["status"] == "cancelled"  # the late result is dropped
+
+
+def test_batch_of_50_with_the_openai_client_matches_one_by_one_runs(app):
+    client = openai.OpenAI(base_url=f"{app.base_url}/v1", api_key=KEY_ALICE, max_retries=0, timeout=120)
+    bodies = {f"req-{i}": chat_body(f"Tell me about the number {i}.", max_tokens=6) for i in range(50)}
+    lines = [{"custom_id": cid, "method": "POST", "url": "/v1/chat/completions", "body": body}
+             for cid, body in bodies.items()]
+    lines.append({"custom_id": "bad", "method": "POST", "url": "/v1/embeddings", "body": {}})  # 51st: bad
+    data = "\n".join(json.dumps(line) for line in lines).encode()
+    uploaded = client.files.create(file=("batch.jsonl", data), purpose="batch")
+    assert uploaded.bytes == len(data) and client.files.retrieve(uploaded.id).purpose == "batch"
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                  completion_window="24h", metadata={"run": "test"})
+    assert batch.status == "in_progress" and batch.request_counts.total == 51
+
+    import time
+    deadline = time.monotonic() + 600
+    while batch.status not in ("completed", "failed", "cancelled") and time.monotonic() < deadline:
+        time.sleep(0.5)
+        batch = client.batches.retrieve(batch.id)
+    assert batch.status == "completed", batch
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (50, 1)
+    assert batch.id in [b.id for b in client.batches.list()]
+
+    output = [json.loads(l) for l in client.files.content(batch.output_file_id).text.splitlines()]
+    errors = [json.loads(l) for l in client.files.content(batch.error_file_id).text.splitlines()]
+    assert [e["custom_id"] for e in errors] == ["bad"] and errors[0]["response"] is None
+    assert "url must be" in errors[0]["error"]["message"]
+    by_id = {o["custom_id"]: o for o in output}
+    assert set(by_id) == set(bodies)
+    for cid, body in bodies.items():
+        direct = client.chat.completions.create(**body)
+        line = by_id[cid]
+        assert line["error"] is None and line["response"]["status_code"] == 200
+        batched = line["response"]["body"]["choices"][0]["message"]["content"]
+        assert batched == direct.choices[0].message.content, cid
+
+
+def test_bad_input_gets_openai_shaped_errors(app):
+    base = app.base_url
+    for path in ("/v1/jobs/job_nope", "/v1/batches/batch_nope", "/v1/files/file_nope", "/v1/files/file_nope/content"):
+        assert_error(httpx.get(f"{base}{path}", headers=ALICE, timeout=30), 404)
+    mine = httpx.post(f"{base}/v1/jobs", json={"path": "/v1/completions", "body": {
+        "model": MODEL, "prompt": "x", "max_tokens": 1}}, headers=ALICE, timeout=30).json()
+    assert_error(httpx.get(f"{base}/v1/jobs/{mine['id']}", headers=BOB, timeout=30), 404)
+    assert_error(httpx.post(f"{base}/v1/jobs/{mine['id']}/cancel", headers=BOB, timeout=30), 404)
+
+    for url in ("http://127.0.0.1:9/hook", "http://localhost:9/hook", "http://169.254.169.254/"):
+        error = assert_error(httpx.post(f"{base}/v1/chat/completions", json={**chat_body("x"), "callback_url": url},
+                                        headers=ALICE, timeout=30), 422)
+        assert error["param"] == "callback_url"
+    assert_error(httpx.post(f"{base}/v1/jobs", json={"path": "/v1/completions", "body": {},
+                            "callback_url": "http://127.0.0.1:9/"}, headers=ALICE, timeout=30), 422)
+    assert_error(httpx.post(f"{base}/v1/chat/completions", json=chat_body("x"),
+                            headers={**ALICE, "X-Max-Wait-S": "-1"}, timeout=30), 422)
+    assert_error(httpx.post(f"{base}/v1/jobs", json={"path": "/v1/nope", "body": {}}, headers=ALICE, timeout=30), 422)
+
+    big = b'{"custom_id": "x", "method": "POST", "url": "/v1/completions", "body": {"prompt": "' + b"a" * (300 * 1024) + b'"}}\n'
+    error = assert_error(httpx.post(f"{base}/v1/files", files={"file": ("big.jsonl", big)},
+                                    data={"purpose": "batch"}, headers=ALICE, timeout=30), 413)
+    assert "max_file_bytes" in error["message"]
+    broken = b'{"custom_id": "a"}\n{"custom_id": "b", oops}\n'
+    error = assert_error(httpx.post(f"{base}/v1/files", files={"file": ("b.jsonl", broken)},
+                                    data={"purpose": "batch"}, headers=ALICE, timeout=30), 400)
+    assert "line 2" in error["message"]
+    ok = httpx.post(f"{base}/v1/files", files={"file": ("a.jsonl", b'{"custom_id": "a"}\n')},
+                    data={"purpose": "batch"}, headers=ALICE, timeout=30).json()
+    assert_error(httpx.get(f"{base}/v1/files/{ok['id']}", headers=BOB, timeout=30), 404)
+    assert_error(httpx.post(f"{base}/v1/batches", json={"input_file_id": ok["id"], "endpoint": "/v1/chat/completions",
+                            "completion_window": "24h"}, headers=BOB, timeout=30), 404)
