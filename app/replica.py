@@ -17,6 +17,7 @@ from typing import Any
 
 from ray import serve
 
+from app.autoscaling import TTFTWindow, replica_signals
 from app.config import AppSettings
 from app.engines.base import Engine
 from app.metrics import ReplicaMetrics
@@ -35,6 +36,7 @@ class ModelReplica:
 
         self.settings = AppSettings.from_args(settings)
         self._open_streams = 0
+        self._ttft = TTFTWindow()  # recent first-token latencies, for the autoscaling policy
         try:
             self.replica_id = serve.get_replica_context().replica_id.unique_id
         except Exception:  # noqa: BLE001 - constructed outside Serve (tests)
@@ -62,8 +64,12 @@ class ModelReplica:
             interval_s=self._stream_interval_s,
         )
         self._open_streams += 1
+        called_at, first = time.monotonic(), True
         try:
             async for out in stream:
+                if first and out.token_ids:
+                    self._ttft.observe(time.monotonic() - called_at)
+                    first = False
                 if out.finished:
                     out.served_by = self.replica_id
                 yield out
@@ -130,8 +136,7 @@ class ModelReplica:
     def record_autoscaling_stats(self) -> dict[str, float]:
         stats = self.engine.stats()
         return {
-            "engine_waiting": float(stats.num_waiting),
-            "engine_running": float(stats.num_running),
+            **replica_signals(stats.num_running, stats.num_waiting, self._ttft),  # app/autoscaling.py
             "kv_usage": stats.num_used_tokens / stats.max_total_tokens if stats.max_total_tokens else 0.0,
         }
 
