@@ -16,7 +16,7 @@ story and the measured timeline):
 Signals, all pushed (no Prometheus round trip): Serve's own count of requests at the replicas and
 queued in front of them (`ctx.total_num_requests`, `ctx.total_queued_requests`), and what each
 replica reports through `record_autoscaling_stats` (`replica_signals`): its engine's running and
-waiting requests and the p95 of its recent TTFTs.
+waiting requests, the p95 of its recent TTFTs and its recent completions per second.
 
 Control law, evaluated every control-loop tick (R = target replicas, including those starting;
 S = the replicas' start-up time, learned from observed raise -> running times, seeded by
@@ -24,9 +24,14 @@ startup_time_s):
 
     demand       N  = max(Serve's ongoing at replicas, engines' running + waiting) + Serve's queued
     trend        N' = dN/dt over >= 1 s, smoothed
-    projected    P  = max(0, N + N' * S)      the demand new replicas will meet when they are up;
-                                              a draining backlog (N' < 0) asks for less than N
+    projected    P  = max(0, N + min(0, N') * S)   a draining backlog asks for no replica that
+                                                   would arrive after it is gone
     queue law    R_q = ceil(P / target_ongoing_requests)
+    rate law     when requests wait in the engines (saturated): mu = the best completions/s of a
+                 replica (its capacity), arrivals = all completions/s + max(0, N');
+                 R_q is capped at ceil(arrivals / mu + waiting / (mu * S)): replicas for the rate,
+                 plus what drains today's backlog within one start-up time, not one replica per
+                 target_ongoing_requests of backlog (which over-scales after every load step)
     TTFT law     R_t = R + 1      if the worst replica's p95 TTFT > ttft_slo_ms and requests wait
     up           to max(R_q, R_t) if that is > R, unless replicas are starting (R > running):
                  then hold, counting them as capacity (no over-scaling on the backlog that builds
@@ -50,49 +55,66 @@ from dataclasses import dataclass
 from typing import Any
 
 DEFAULT_TARGET_ONGOING = 16.0
-TTFT_WINDOW_S = 10.0  # a replica's TTFT p95 is over its last 10 s of first tokens
+WINDOW_S = 10.0  # a replica's TTFT p95 and completion rate are over its last 10 s
 STARTUP_EWMA_ALPHA = 0.5  # weight of the newest observed start-up time
-_STATE_KEYS = ("raised_at", "raised_to", "startup_s", "mark", "slope", "demand", "projected", "ttft_p95_s", "law")
+_STATE_KEYS = ("raised_at", "raised_to", "startup_s", "mark", "slope", "demand", "projected", "by_rate", "ttft_p95_s",
+               "law")
 
 
 # -- what replicas push ---------------------------------------------------------------------------
 
 
-class TTFTWindow:
-    """The p95 of the time to first token over the last `window_s`, measured in a replica.
+class RecentRequests:
+    """What a replica saw over the last `window_s`: its first tokens' latencies (TTFT) and its
+    completions. Pushed with the replica's other autoscaling stats (`replica_signals`)."""
 
-    Pushed with the replica's other autoscaling stats; the policy compares it with the SLO."""
-
-    def __init__(self, window_s: float = TTFT_WINDOW_S, clock=time.monotonic) -> None:
+    def __init__(self, window_s: float = WINDOW_S, clock=time.monotonic) -> None:
         self.window_s = window_s
         self._clock = clock
-        self._samples: deque[tuple[float, float]] = deque()
+        self._ttfts: deque[tuple[float, float]] = deque()
+        self._finished: deque[float] = deque()
+        self._since = clock()
 
-    def observe(self, ttft_s: float) -> None:
-        self._samples.append((self._clock(), max(0.0, ttft_s)))
+    def first_token(self, ttft_s: float) -> None:
+        self._ttfts.append((self._clock(), max(0.0, ttft_s)))
 
-    def p95_s(self) -> float:
+    def finished(self) -> None:
+        self._finished.append(self._clock())
+
+    def _trim(self) -> float:
+        now = self._clock()
+        horizon = now - self.window_s
+        while self._ttfts and self._ttfts[0][0] < horizon:
+            self._ttfts.popleft()
+        while self._finished and self._finished[0] < horizon:
+            self._finished.popleft()
+        return now
+
+    def ttft_p95_s(self) -> float:
         """0.0 when no first token came in the window (nothing to say about latency)."""
-        horizon = self._clock() - self.window_s
-        while self._samples and self._samples[0][0] < horizon:
-            self._samples.popleft()
-        if not self._samples:
+        self._trim()
+        if not self._ttfts:
             return 0.0
-        ordered = sorted(s for _, s in self._samples)
+        ordered = sorted(s for _, s in self._ttfts)
         return ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)]
 
-    def __len__(self) -> int:
-        self.p95_s()
-        return len(self._samples)
+    def ttft_samples(self) -> int:
+        self._trim()
+        return len(self._ttfts)
+
+    def completions_per_s(self) -> float:
+        now = self._trim()
+        return len(self._finished) / max(1e-9, min(self.window_s, now - self._since))
 
 
-def replica_signals(num_running: int, num_waiting: int, ttft: TTFTWindow) -> dict[str, float]:
+def replica_signals(num_running: int, num_waiting: int, recent: RecentRequests) -> dict[str, float]:
     """The metrics a ModelReplica returns from `record_autoscaling_stats`."""
     return {
         "engine_running": float(num_running),
         "engine_waiting": float(num_waiting),
-        "ttft_p95_s": ttft.p95_s(),
-        "ttft_samples": float(len(ttft)),
+        "ttft_p95_s": recent.ttft_p95_s(),
+        "ttft_samples": float(recent.ttft_samples()),
+        "completions_per_s": recent.completions_per_s(),
     }
 
 
@@ -167,15 +189,18 @@ def decide(ctx, params: PolicyParams) -> tuple[int, dict[str, Any]]:
 
     demand = demand_of(ctx)
     slope = _demand_slope(state, demand, now, params)
-    # The demand the replicas asked for now will meet when they are up, one start-up time away;
-    # a draining backlog (negative slope) asks for less than its size.
-    projected = max(0.0, demand + slope * state["startup_s"])
+    # A backlog that drains (negative slope) is projected one start-up time ahead: it asks for
+    # no replica that would arrive after it is gone.
+    projected = max(0.0, demand + min(0.0, slope) * state["startup_s"])
     ttft = worst_ttft_p95_s(ctx.aggregated_metrics)
     slo_breached = ttft is not None and ttft > params.ttft_slo_ms / 1000.0
     by_queue = wanted_replicas(projected, target_ongoing, lower, upper)
+    by_rate = rate_law(ctx.aggregated_metrics, running, slope, state["startup_s"])
+    if by_rate is not None:  # saturated engines: the backlog is not capacity we need to keep
+        by_queue = max(lower, min(by_queue, upper, by_rate))
     by_ttft = min(upper, target + 1) if slo_breached and engine_waiting(ctx.aggregated_metrics) > 0 else 0
     up = max(by_queue, by_ttft)
-    state.update(demand=demand, projected=projected, ttft_p95_s=ttft)
+    state.update(demand=demand, projected=projected, ttft_p95_s=ttft, by_rate=by_rate)
 
     if up > target:
         if target > running:  # replicas on their way count as capacity: wait for them
@@ -189,6 +214,22 @@ def decide(ctx, params: PolicyParams) -> tuple[int, dict[str, Any]]:
         return down, state
     state["law"] = "hold"
     return target, state
+
+
+def rate_law(metrics: dict | None, running: int, slope: float, startup_s: float) -> int | None:
+    """Replicas for the arrival rate, when the engines are saturated (requests wait): a replica then
+    completes at its capacity mu (the best recent completions/s of a replica: one that just started
+    has not shown its capacity yet); arrivals = all completions/s + the demand's growth;
+    need = ceil(arrivals / mu + backlog / (mu * startup_s)), the last term draining today's
+    backlog within one start-up time. None when not saturated (mu unknown)."""
+    per_replica = list((metrics or {}).get("completions_per_s", {}).values())
+    completions = sum(per_replica)
+    backlog = engine_waiting(metrics)
+    if running <= 0 or completions <= 0 or backlog <= 0:
+        return None
+    mu = max(per_replica)
+    arrivals = completions + max(0.0, slope)
+    return math.ceil(arrivals / mu + backlog / (mu * max(startup_s, 1.0)))
 
 
 def _demand_slope(state: dict[str, Any], demand: float, now: float, params: PolicyParams) -> float:

@@ -214,7 +214,9 @@ class SimulatedEngine(Engine):
     # --- the step loop ---------------------------------------------------------------------------
 
     def _now(self) -> float:
-        return asyncio.get_running_loop().time()
+        # The engine's own loop: Ray Serve calls stats() (record_*_stats) from a worker thread.
+        loop = self._loop_task.get_loop() if self._loop_task is not None else asyncio.get_running_loop()
+        return loop.time()
 
     def _wake(self) -> None:
         if self._wakeup is not None:

@@ -15,11 +15,12 @@ from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
 from app.autoscaling import (
     PolicyParams,
+    RecentRequests,
     ReplicaAutoscalingPolicy,
-    TTFTWindow,
     decide,
     demand_of,
     queue_depth_policy,
+    rate_law,
     replica_signals,
     wanted_replicas,
 )
@@ -132,15 +133,6 @@ def test_a_draining_backlog_does_not_ask_for_more_replicas():
     assert replicas == 3 and state["slope"] < 0 and state["projected"] == 0
 
 
-def test_a_growing_queue_is_met_with_the_replicas_it_will_need_one_start_up_later():
-    state: dict = {}
-    replicas = 1
-    for t, waiting in ((0.0, 0.0), (1.0, 2.0), (2.0, 4.0)):  # +2 requests/s, start-up 10 s
-        replicas, state = decide(context(t, 1, engines=engines({"a": 8.0}, {"a": waiting}), state=state), PARAMS)
-    assert state["slope"] == 1.5 and state["projected"] == 12 + 1.5 * 10  # 27, not 12
-    assert replicas == 3
-
-
 def test_scales_down_only_below_the_hysteresis_band_and_under_the_slo():
     at_band = engines({"a": 7.0, "b": 7.0}, {"a": 0.0, "b": 0.0})  # 14: fits 2 at 70% of 10, not 1
     assert decide(context(0.0, 3, engines=at_band), PARAMS)[0] == 2
@@ -210,13 +202,40 @@ def test_scales_to_zero_when_idle_after_the_delay(serve_wrapped):
 # -- what a replica pushes ---------------------------------------------------------------------------------
 
 
-def test_ttft_window_reports_the_p95_of_the_recent_window_only():
+def test_recent_requests_reports_ttft_p95_and_completions_of_the_window_only():
     now = [0.0]
-    window = TTFTWindow(window_s=10.0, clock=lambda: now[0])
+    recent = RecentRequests(window_s=10.0, clock=lambda: now[0])
+    now[0] = 10.0
     for i in range(100):
-        window.observe(0.01 * (i + 1))  # 10 ms .. 1 s
-    assert window.p95_s() == pytest.approx(0.95) and len(window) == 100
-    now[0] = 11.0
-    assert window.p95_s() == 0.0 and len(window) == 0  # all older than the window
-    signals = replica_signals(3, 2, window)
-    assert signals == {"engine_running": 3.0, "engine_waiting": 2.0, "ttft_p95_s": 0.0, "ttft_samples": 0.0}
+        recent.first_token(0.01 * (i + 1))  # 10 ms .. 1 s
+        recent.finished()
+    assert recent.ttft_p95_s() == pytest.approx(0.95) and recent.ttft_samples() == 100
+    assert recent.completions_per_s() == pytest.approx(10.0)  # 100 in the 10 s window
+    now[0] = 21.0
+    assert recent.ttft_p95_s() == 0.0 and recent.completions_per_s() == 0.0  # all older than 10 s
+    assert replica_signals(3, 2, recent) == {"engine_running": 3.0, "engine_waiting": 2.0, "ttft_p95_s": 0.0,
+                                             "ttft_samples": 0.0, "completions_per_s": 0.0}
+
+
+# -- the rate law: a backlog is not capacity to keep ------------------------------------------------------
+
+
+def saturated(completions: dict, waiting: dict) -> dict:
+    return {**engines({rid: 4.0 for rid in completions}, waiting), "completions_per_s": completions}
+
+
+def test_rate_law_sizes_for_arrivals_over_per_replica_capacity_plus_draining_the_backlog():
+    # 2 replicas complete 3/s each (their capacity: requests wait); demand grows 4/s -> arrivals 10/s;
+    # backlog 60 drained in one 10 s start-up needs 60 / (3 * 10) = 2 more.
+    metrics = saturated({"a": 3.0, "b": 3.0}, {"a": 30.0, "b": 30.0})
+    assert rate_law(metrics, running=2, slope=4.0, startup_s=10.0) == 4 + 2
+    # A replica that just started has completed little: the capacity is the best replica's.
+    just_started = saturated({"a": 3.0, "b": 3.0, "c": 0.5}, {"a": 30.0, "b": 30.0, "c": 0.0})
+    assert rate_law(just_started, running=3, slope=0.0, startup_s=10.0) == 3 + 2
+    assert rate_law(engines({"a": 4.0}, {"a": 0.0}), running=1, slope=0.0, startup_s=10.0) is None  # not saturated
+
+
+def test_the_rate_law_caps_the_queue_law_after_a_load_step():
+    # 68 requests in the engines would be 7 replicas at 10 each; the rates say 6 (see above).
+    replicas, state = decide(context(0.0, 2, engines=saturated({"a": 3.0, "b": 3.0}, {"a": 30.0, "b": 30.0})), PARAMS)
+    assert state["by_rate"] == 2 + 2 and replicas == 4  # no growth measured yet on the first tick
