@@ -48,6 +48,7 @@ after the cluster's idle timeout.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections import deque
@@ -259,3 +260,32 @@ _DEFAULT = ReplicaAutoscalingPolicy()
 def queue_depth_policy(ctx) -> tuple[int, dict[str, Any]]:
     """The policy with default parameters, as a plain function (older configs name this)."""
     return _DEFAULT(ctx)
+
+
+# -- scale from zero: the scheduler's side ----------------------------------------------------------------
+
+
+async def first_item_within(stream, wait_s: float | None, rid: str):
+    """Yield `stream`'s items; when `wait_s` is set (no replica was known live when the request
+    was sent: min_replicas 0, all scaled away), its first item must come within `wait_s` while a
+    replica starts, else 503 `queue_timeout` (the stream is cancelled). Serve's router holds the
+    request meanwhile, and its wait is what makes Serve start a replica (cold-start fast path)."""
+    from app.errors import OverloadedError
+
+    iterator = stream.__aiter__()
+    if wait_s is not None:
+        try:
+            first = await asyncio.wait_for(iterator.__anext__(), wait_s)
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            cancel = getattr(stream, "cancel", None)
+            if cancel is not None:
+                cancel()
+            raise OverloadedError(
+                f"request {rid} waited {wait_s:g} s for a model replica to start (scaling from zero)",
+                code="queue_timeout", retry_after_s=wait_s,
+            ) from None
+        yield first
+    async for item in iterator:
+        yield item
