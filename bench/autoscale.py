@@ -395,7 +395,9 @@ def report(rows: list[dict], summary: dict, plan: Plan, wall: dict) -> str:
         f"- lag from the load step to the peak target: **{summary['lag_to_peak_s']} s** (upscale delay "
         f"{plan.upscale_delay_s:g} s + metrics look-back, vs one start-up time above)",
         f"- fake cluster head start {wall['head_start_s']:.0f} s, first /ready {wall['ready_s']:.0f} s; "
-        f"other people's Ray processes alive before/after: {wall['others_before']}/{wall['others_after']}",
+        f"stopping the cluster signalled {wall.get('signalled', '?')} processes, all its own; raylets/GCS of "
+        f"other clusters on the machine at the start: {wall['others_before']}, of them signalled: "
+        f"**{wall.get('others_signalled', '?')}**",
         "",
         "![timeline](autoscale.png)",
         "",
@@ -444,9 +446,10 @@ def run(plan: Plan, temp_dir: str | None) -> tuple[list[dict], dict, dict]:
         left = cluster.stop()
         if left:
             print(f"WARNING: processes left running: {left}", file=sys.stderr)
-    others_after = ray_processes()
     wall["others_before"] = len(others_before)
-    wall["others_after"] = len(others_before & others_after)
+    # Proof that stopping touched nobody else's cluster: no PID it signalled was another's raylet/GCS.
+    wall["others_signalled"] = len(others_before & cluster.signalled)
+    wall["signalled"] = len(cluster.signalled)
     return rows, analyse(rows, plan), wall
 
 

@@ -259,6 +259,7 @@ async def steady_state(costs: SimulatedCosts, workload: Workload, replicas: int,
     await offer(cluster, run, [(rate, warm_s + measure_s)])
     good, p95 = goodput(run, workload.slo_ttft_ms / 1000, warm_s, warm_s + measure_s)
     await cluster.set_target(0)
+    await asyncio.sleep(1.0)  # let the drained replicas shut down (virtual time: free)
     return {"replicas": replicas, "rate_rps": rate, "goodput_rps": good, "ttft_p95_ms": 1000 * p95}
 
 
@@ -328,10 +329,10 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=1000)
     parser.add_argument("--output-tokens", type=int, default=64)
     parser.add_argument("--slo-ttft-ms", type=float, default=1000.0)
-    parser.add_argument("--rates", default="25,50,100,200,400", help="arrival rates (req/s) to size for")
+    parser.add_argument("--rates", default="25,50,100,200", help="arrival rates (req/s) to size for")
     parser.add_argument("--startup-s", type=float, default=30.0, help="a replica's load time")
     parser.add_argument("--node-boot-s", type=float, default=60.0, help="a GPU node joining the cluster")
-    parser.add_argument("--step", default="40,320,40", help="the autoscaled load step: low,high,low req/s")
+    parser.add_argument("--step", default="40,160,40", help="the autoscaled load step: low,high,low req/s")
     parser.add_argument("--out", default="capacity", help="results name (bench/results/<out>.md/.png)")
     args = parser.parse_args()
 
@@ -355,7 +356,7 @@ def main() -> None:
         print(row)
 
     low, high, low2 = (float(x) for x in args.step.split(","))
-    phases = [(low, 60.0), (high, 240.0), (low2, 300.0)]
+    phases = [(low, 60.0), (high, 180.0), (low2, 240.0)]
     model = ClusterModel(node_boot_s=args.node_boot_s, startup_s=args.startup_s)
     timeline, step_good = run_virtual(autoscaled_step(costs, model, workload, phases, per_replica))
     print(f"simulated in {time.perf_counter() - wall:.0f} s of wall time")
@@ -384,6 +385,7 @@ async def autoscaled_step(costs, model: ClusterModel, workload: Workload, phases
         edges.append(edges[-1] + d)
     good = [goodput(run, workload.slo_ttft_ms / 1000, a, b) for a, b in zip(edges, edges[1:])]
     await cluster.set_target(0)
+    await asyncio.sleep(1.0)
     return run.timeline, {"per_phase": good, "end": end}
 
 

@@ -108,11 +108,14 @@ def ray_processes() -> set[int]:
             and any(k in cmdline_of(int(e)) for k in ("/raylet ", "/gcs_server "))}
 
 
-def kill_started(session_id: int, marker: str, grace_s: float = 5.0) -> list[int]:
-    """SIGTERM, then SIGKILL after `grace_s`, every process this cluster started; returns them."""
+def kill_started(session_id: int, marker: str, grace_s: float = 5.0, signalled: set[int] | None = None) -> list[int]:
+    """SIGTERM, then SIGKILL after `grace_s`, every process this cluster started; returns those
+    still alive after that (none expected). `signalled` collects every PID signalled."""
     pids = processes_started_by(session_id, marker)
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
+            if signalled is not None:
+                signalled.add(pid)
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
@@ -150,6 +153,7 @@ class FakeCluster:
         self.temp_dir = temp_dir or tempfile.mkdtemp(prefix="sgl-fc-", dir="/tmp")
         self.process: subprocess.Popen | None = None
         self.address: str | None = None
+        self.signalled: set[int] = set()  # every PID stop() signalled: all ours
 
     def start(self, timeout_s: float = 120.0) -> str:
         import ray._private.services as services
@@ -202,7 +206,7 @@ class FakeCluster:
         """Kill what this cluster started, by PID; returns any that survived (should be none)."""
         if self.process is None:
             return []
-        left = kill_started(self.process.pid, self.temp_dir)
+        left = kill_started(self.process.pid, self.temp_dir, signalled=self.signalled)
         try:
             self.process.wait(timeout=10)
         except subprocess.TimeoutExpired:

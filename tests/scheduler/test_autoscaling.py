@@ -7,6 +7,8 @@ here are Serve's, applied around our control law.
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from ray.serve._private.common import DeploymentID
@@ -18,12 +20,14 @@ from app.autoscaling import (
     RecentRequests,
     ReplicaAutoscalingPolicy,
     decide,
+    first_item_within,
     demand_of,
     queue_depth_policy,
     rate_law,
     replica_signals,
     wanted_replicas,
 )
+from app.errors import OverloadedError
 
 CONFIG = AutoscalingConfig(
     min_replicas=0, max_replicas=8, target_ongoing_requests=10, upscale_delay_s=5, downscale_delay_s=30
@@ -239,3 +243,42 @@ def test_the_rate_law_caps_the_queue_law_after_a_load_step():
     # 68 requests in the engines would be 7 replicas at 10 each; the rates say 6 (see above).
     replicas, state = decide(context(0.0, 2, engines=saturated({"a": 3.0, "b": 3.0}, {"a": 30.0, "b": 30.0})), PARAMS)
     assert state["by_rate"] == 2 + 2 and replicas == 4  # no growth measured yet on the first tick
+
+
+# -- scale from zero: the scheduler's bounded wait ----------------------------------------------------------
+
+
+class FakeStream:
+    """A replica stream: yields `items` after `delay_s`; records a cancel (like Serve's generator)."""
+
+    def __init__(self, items: list, delay_s: float) -> None:
+        self.items, self.delay_s, self.cancelled = items, delay_s, False
+
+    def __aiter__(self):
+        return self._run()
+
+    async def _run(self):
+        await asyncio.sleep(self.delay_s)
+        for item in self.items:
+            yield item
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+async def collect(stream, wait_s):
+    return [item async for item in first_item_within(stream, wait_s, "rid-1")]
+
+
+def test_a_replica_that_starts_within_the_wait_serves_the_request():
+    stream = FakeStream([1, 2, 3], delay_s=0.05)
+    assert asyncio.run(collect(stream, 5.0)) == [1, 2, 3]
+    assert asyncio.run(collect(FakeStream([1, 2], delay_s=0.0), None)) == [1, 2]  # a replica was live: no bound
+
+
+def test_no_replica_within_the_wait_is_a_503_queue_timeout_and_the_call_is_cancelled():
+    stream = FakeStream([1], delay_s=10.0)
+    with pytest.raises(OverloadedError) as refused:
+        asyncio.run(collect(stream, 0.05))
+    assert refused.value.status_code == 503 and refused.value.code == "queue_timeout"
+    assert "start" in str(refused.value) and stream.cancelled
