@@ -17,10 +17,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+
 from bench.fake_cluster import kill_leftovers, kill_started
 
 REPO = Path(__file__).resolve().parents[2]
-TIMEOUT_S = 480  # aim ~3-4 min; a loaded shared machine stretches Ray's start-ups
+TIMEOUT_S = 540  # ~3 min on a quiet machine; 5 on this shared 2-core one (Ray's start-ups stretch)
 
 
 def run_ci_step(tmp_path: Path) -> tuple[int, str, dict | None]:
@@ -49,6 +51,7 @@ def run_ci_step(tmp_path: Path) -> tuple[int, str, dict | None]:
     return rc, text, json.loads(out.read_text()) if out.exists() else None
 
 
+@pytest.mark.timeout(TIMEOUT_S + 120)  # the suite's 300 s default would cut the run short
 def test_replicas_and_nodes_follow_a_load_step_with_no_failed_request(tmp_path):
     rc, log, result = run_ci_step(tmp_path)
     assert rc == 0 and result is not None, log[-4000:]
