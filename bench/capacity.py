@@ -248,8 +248,12 @@ def goodput(run: Run, slo_s: float, start: float, end: float) -> tuple[float, fl
     return good / (end - start), percentile(window, 95)
 
 
+MEASURE_S = [30.0]  # --measure-s
+
+
 async def steady_state(costs: SimulatedCosts, workload: Workload, replicas: int, rate: float,
-                       warm_s: float = 10.0, measure_s: float = 30.0) -> dict:
+                       warm_s: float = 5.0, measure_s: float | None = None) -> dict:
+    measure_s = measure_s or MEASURE_S[0]
     model = ClusterModel(node_boot_s=0.0, startup_s=0.0)
     cluster = SimCluster(costs, model, workload)
     for node in range(math.ceil(replicas / GPUS_PER_NODE)):
@@ -353,6 +357,8 @@ def main() -> None:
     parser.add_argument("--startup-s", type=float, default=30.0, help="a replica's load time")
     parser.add_argument("--node-boot-s", type=float, default=60.0, help="a GPU node joining the cluster")
     parser.add_argument("--step", default="40,160,40", help="the autoscaled load step: low,high,low req/s")
+    parser.add_argument("--step-s", default="60,180,240", help="the three phases' durations, seconds")
+    parser.add_argument("--measure-s", type=float, default=30.0, help="measured seconds of each sizing run")
     parser.add_argument("--out", default="capacity", help="results name (bench/results/<out>.md/.png)")
     args = parser.parse_args()
 
@@ -362,6 +368,7 @@ def main() -> None:
         max_prefill_tokens_per_step=args.max_prefill_tokens, cache_capacity_tokens=1 << 20,
     )
     workload = Workload(args.prompt_tokens, args.output_tokens, args.slo_ttft_ms)
+    MEASURE_S[0] = args.measure_s
     wall = time.perf_counter()
     per_replica, curve = per_replica_capacity(costs, workload)
     print(f"one replica meets TTFT p95 <= {args.slo_ttft_ms:.0f} ms up to {per_replica:.1f} req/s")
@@ -372,7 +379,7 @@ def main() -> None:
         print(sizing[-1])
 
     low, high, low2 = (float(x) for x in args.step.split(","))
-    phases = [(low, 60.0), (high, 180.0), (low2, 240.0)]
+    phases = list(zip((low, high, low2), (float(x) for x in args.step_s.split(","))))
     model = ClusterModel(node_boot_s=args.node_boot_s, startup_s=args.startup_s)
     timeline, step_good = run_virtual(autoscaled_step(costs, model, workload, phases, per_replica))
     print(f"simulated in {time.perf_counter() - wall:.0f} s of wall time")
@@ -425,7 +432,7 @@ def write_report(args, costs, workload, model, per_replica, curve, sizing, timel
         "",
         "## Sizing",
         "",
-        "Replicas = the fewest whose whole-cluster simulation (40 s, the first 10 s not measured) meets the",
+        f"Replicas = the fewest whose whole-cluster simulation ({args.measure_s:g} s measured after 5 s) meets the",
         "SLO, searched upward from ceil(rate / one replica's capacity) (the first guess: a replica at its knee",
         "has no headroom for routing imbalance). Goodput = requests/s whose first token came within the SLO;",
         "utilization = rate / (replicas x one replica's capacity).",

@@ -73,7 +73,7 @@ def measure(port: int, name: str, engine: dict) -> list[float]:
 
 
 def main() -> None:
-    port = start_ray_serve(include_dashboard=False)
+    port = start_ray_serve()
     rows = []
     try:
         for i, (label, engine) in enumerate(ENGINES.items()):

@@ -155,9 +155,24 @@ class FakeCluster:
         self.address: str | None = None
         self.signalled: set[int] = set()  # every PID stop() signalled: all ours
 
-    def start(self, timeout_s: float = 120.0) -> str:
+    def start(self, timeout_s: float = 120.0, attempts: int = 3) -> str:
+        """Start the head; retried because Ray gives a starting raylet a fixed 30 s, which a busy
+        machine can miss (tests/conftest.py does the same)."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._start_once(timeout_s)
+            except RuntimeError:
+                self._kill()  # whatever this attempt started
+                if attempt == attempts:
+                    shutil.rmtree(self.temp_dir, ignore_errors=True)
+                    raise
+                time.sleep(5)
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout_s: float) -> str:
         import ray._private.services as services
 
+        Path(self.temp_dir).mkdir(parents=True, exist_ok=True)
         ip = services.get_node_ip_address()
         port = free_port()
         self.address = f"{ip}:{port}"
@@ -187,13 +202,10 @@ class FakeCluster:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                log = self.head_log()[-2000:]
-                self.stop()  # whatever it started before failing
-                raise RuntimeError(f"ray start exited: {log}")
+                raise RuntimeError(f"ray start exited: {self.head_log()[-2000:]}")
             if b"Ray runtime started" in (Path(self.temp_dir) / "head.log").read_bytes():
                 return self.address
             time.sleep(0.5)
-        self.stop()
         raise RuntimeError(f"the fake cluster's head did not start in {timeout_s:.0f} s")
 
     def head_log(self) -> str:
@@ -202,8 +214,7 @@ class FakeCluster:
     def pids(self) -> list[int]:
         return processes_started_by(self.process.pid, self.temp_dir) if self.process else []
 
-    def stop(self) -> list[int]:
-        """Kill what this cluster started, by PID; returns any that survived (should be none)."""
+    def _kill(self) -> list[int]:
         if self.process is None:
             return []
         left = kill_started(self.process.pid, self.temp_dir, signalled=self.signalled)
@@ -212,6 +223,11 @@ class FakeCluster:
         except subprocess.TimeoutExpired:
             pass
         self.process = None
+        return left
+
+    def stop(self) -> list[int]:
+        """Kill what this cluster started, by PID; returns any that survived (should be none)."""
+        left = self._kill()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
         return left
 
