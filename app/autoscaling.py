@@ -30,9 +30,12 @@ startup_time_s):
     rate law     when requests wait in the engines (saturated): mu = the best completions/s of a
                  replica (its capacity), arrivals = all completions/s + max(0, N');
                  R_q is capped at ceil(arrivals / mu + waiting / (mu * S)): replicas for the rate,
-                 plus what drains today's backlog within one start-up time, not one replica per
+                 plus what drains today's backlog within one start-up time (0 if it already
+                 drains), not one replica per
                  target_ongoing_requests of backlog (which over-scales after every load step)
-    TTFT law     R_t = R + 1      if the worst replica's p95 TTFT > ttft_slo_ms and requests wait
+    TTFT law     R_t = R + 1      if the worst replica's p95 TTFT > ttft_slo_ms, requests wait and
+                                  the backlog is not draining (N' >= 0: a draining backlog's TTFT
+                                  is its history, not a shortage)
     up           to max(R_q, R_t) if that is > R, unless replicas are starting (R > running):
                  then hold, counting them as capacity (no over-scaling on the backlog that builds
                  up while they start)
@@ -199,7 +202,10 @@ def decide(ctx, params: PolicyParams) -> tuple[int, dict[str, Any]]:
     by_rate = rate_law(ctx.aggregated_metrics, running, slope, state["startup_s"])
     if by_rate is not None:  # saturated engines: the backlog is not capacity we need to keep
         by_queue = max(lower, min(by_queue, upper, by_rate))
-    by_ttft = min(upper, target + 1) if slo_breached and engine_waiting(ctx.aggregated_metrics) > 0 else 0
+    # A TTFT over the SLO while the backlog drains (slope < 0) is that backlog's history, not a
+    # shortage: capacity already exceeds arrivals. Adding a replica then only over-scales.
+    draining = slope < 0
+    by_ttft = min(upper, target + 1) if slo_breached and not draining and engine_waiting(ctx.aggregated_metrics) > 0 else 0
     up = max(by_queue, by_ttft)
     state.update(demand=demand, projected=projected, ttft_p95_s=ttft, by_rate=by_rate)
 
@@ -230,7 +236,9 @@ def rate_law(metrics: dict | None, running: int, slope: float, startup_s: float)
         return None
     mu = max(per_replica)
     arrivals = completions + max(0.0, slope)
-    return math.ceil(arrivals / mu + backlog / (mu * max(startup_s, 1.0)))
+    # A backlog that already drains (slope < 0) needs no replica of its own.
+    drain = backlog / (mu * max(startup_s, 1.0)) if slope >= 0 else 0.0
+    return math.ceil(arrivals / mu + drain)
 
 
 def _demand_slope(state: dict[str, Any], demand: float, now: float, params: PolicyParams) -> float:

@@ -117,6 +117,14 @@ def test_ttft_over_slo_adds_one_replica_even_when_the_queue_law_is_content():
     assert replicas == 3 and state["law"] == "up: ttft"  # 13 requests fit 2 replicas; p95 2.5 s > 1 s
 
 
+def test_ttft_over_slo_while_the_backlog_drains_adds_no_replica():
+    state: dict = {}
+    for t, waiting in ((0.0, 40.0), (1.0, 30.0), (2.0, 20.0)):  # draining 10/s: capacity > arrivals
+        busy = engines({"a": 6.0, "b": 6.0}, {"a": waiting / 2, "b": waiting / 2}, ttft={"a": 4.0, "b": 4.0})
+        replicas, state = decide(context(t, 4, engines=busy, state=state), PARAMS)
+    assert replicas == 4 and state["slope"] < 0
+
+
 def test_ttft_over_slo_without_waiting_requests_is_not_a_capacity_problem():
     slow_prefill = engines({"a": 3.0}, {"a": 0.0}, ttft={"a": 2.5})
     replicas, _ = decide(context(0.0, 1, engines=slow_prefill), PARAMS)
@@ -236,6 +244,8 @@ def test_rate_law_sizes_for_arrivals_over_per_replica_capacity_plus_draining_the
     # A replica that just started has completed little: the capacity is the best replica's.
     just_started = saturated({"a": 3.0, "b": 3.0, "c": 0.5}, {"a": 30.0, "b": 30.0, "c": 0.0})
     assert rate_law(just_started, running=3, slope=0.0, startup_s=10.0) == 3 + 2
+    # A backlog that already drains needs no replica of its own: just the arrival rate's.
+    assert rate_law(metrics, running=2, slope=-5.0, startup_s=10.0) == 2
     assert rate_law(engines({"a": 4.0}, {"a": 0.0}), running=1, slope=0.0, startup_s=10.0) is None  # not saturated
 
 
