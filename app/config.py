@@ -85,6 +85,8 @@ class EngineSettings(_Section):
     enable_metrics: bool = True
     disable_cuda_graph: bool = False
     sglang_extra_args: dict[str, Any] = Field(default_factory=dict)  # any other ServerArgs field
+    # kind "simulated" only (a simulator, for benchmarks): app.engines.simulated.SimulatedCosts fields.
+    simulated_costs: dict[str, float] = Field(default_factory=dict)
 
 
 class SchedulerSettings(_Section):

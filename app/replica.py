@@ -21,6 +21,7 @@ from typing import Any
 
 from ray import serve
 
+from app.autoscaling import RecentRequests, replica_signals
 from app.config import AppSettings
 from app.engines.base import Engine
 from app.metrics import ReplicaMetrics
@@ -41,6 +42,7 @@ class ModelReplica:
         self.settings = AppSettings.from_args(settings)
         self._open_streams = 0
         self._draining = False  # set when Serve stops this replica: no new work, finish what runs
+        self._recent = RecentRequests()  # TTFTs and completions, for the autoscaling policy
         try:
             self.replica_id = serve.get_replica_context().replica_id.unique_id
         except Exception:  # noqa: BLE001 - constructed outside Serve (tests)
@@ -68,10 +70,15 @@ class ModelReplica:
             interval_s=self._stream_interval_s,
         )
         self._open_streams += 1
+        called_at, first = time.monotonic(), True
         try:
             async for out in stream:
+                if first and out.token_ids:
+                    self._recent.first_token(time.monotonic() - called_at)
+                    first = False
                 if out.finished:
                     out.served_by = self.replica_id
+                    self._recent.finished()
                 yield out
         finally:
             self._open_streams -= 1
@@ -144,8 +151,7 @@ class ModelReplica:
     def record_autoscaling_stats(self) -> dict[str, float]:
         stats = self.engine.stats()
         return {
-            "engine_waiting": float(stats.num_waiting),
-            "engine_running": float(stats.num_running),
+            **replica_signals(stats.num_running, stats.num_waiting, self._recent),  # app/autoscaling.py
             "kv_usage": stats.num_used_tokens / stats.max_total_tokens if stats.max_total_tokens else 0.0,
         }
 

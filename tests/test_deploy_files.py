@@ -158,7 +158,9 @@ def test_gpu_config_autoscales_model_replicas_on_queue_depth() -> None:
         assert key in scaling, f"autoscaling_config lacks {key}"
     assert 1 <= scaling["min_replicas"] < scaling["max_replicas"]
     assert scaling["upscale_delay_s"] < scaling["downscale_delay_s"], "scale up faster than down"
-    assert scaling["policy"]["policy_function"] == "app.autoscaling:queue_depth_policy"
+    assert scaling["policy"]["policy_function"] == "app.autoscaling:ReplicaAutoscalingPolicy"
+    # The policy's TTFT SLO is the scheduler's (docs/autoscaling.md).
+    assert scaling["policy"]["policy_kwargs"]["ttft_slo_ms"] == settings.scheduler.slo_ttft_ms
     # The scheduler never lets a replica hold more than its in-flight limit and queues the rest
     # itself; for a full replica to read as over target, even the limit's floor must exceed it.
     assert settings.scheduler.min_in_flight_per_replica > scaling["target_ongoing_requests"]

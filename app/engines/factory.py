@@ -22,7 +22,7 @@ def make_engine(settings: AppSettings) -> Engine:
 
         return SGLangEngine(settings.model, settings.engine)
     if kind == "simulated":
-        from app.engines.simulated import SimulatedEngine
+        from app.engines.simulated import SimulatedCosts, SimulatedEngine
 
-        return SimulatedEngine(name=settings.model.name)
+        return SimulatedEngine(SimulatedCosts(**settings.engine.simulated_costs), name=settings.model.name)
     raise EngineError(f"unknown engine kind {kind!r}: expected embedded, sglang or simulated")

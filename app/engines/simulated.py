@@ -48,6 +48,7 @@ class SimulatedCosts:
     max_prefill_tokens_per_step: int = 4096
     cache_capacity_tokens: int = 64_000
     context_length: int = 32_768
+    startup_s: float = 0.0  # what start() takes: weights loading, warm-up (a cold start)
 
 
 class ByteTokenizer(Tokenizer):
@@ -109,6 +110,8 @@ class SimulatedEngine(Engine):
         if self._loop_task is not None:
             return
         loop = asyncio.get_running_loop()
+        if self.costs.startup_s > 0:
+            await asyncio.sleep(self.costs.startup_s)
         self._epoch_offset = time.time() - loop.time()
         self._wakeup = asyncio.Event()
         self._loop_task = loop.create_task(self._step_loop(), name=f"{self.name}-steps")
@@ -211,7 +214,9 @@ class SimulatedEngine(Engine):
     # --- the step loop ---------------------------------------------------------------------------
 
     def _now(self) -> float:
-        return asyncio.get_running_loop().time()
+        # The engine's own loop: Ray Serve calls stats() (record_*_stats) from a worker thread.
+        loop = self._loop_task.get_loop() if self._loop_task is not None else asyncio.get_running_loop()
+        return loop.time()
 
     def _wake(self) -> None:
         if self._wakeup is not None:

@@ -19,6 +19,7 @@ from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
 
+from app.autoscaling import first_item_within
 from app.config import AppSettings
 from app.errors import APIError, EngineError, unwrap_error
 from app.metrics import SchedulerMetrics
@@ -76,8 +77,10 @@ class Scheduler:
             gathered: GenerateOutput | None = None
             stream = self.replica_streams.generate.remote(request)
             self._active[request.rid] = stream
+            # No replica known live (scaled to zero): wait for one at most max_queue_wait_s.
+            cold = None if live_replica_ids("ModelReplica") else self.settings.scheduler.max_queue_wait_s
             try:
-                async for out in stream:
+                async for out in first_item_within(stream, cold, request.rid):
                     if request.stream:
                         streamed = True
                         yield out
