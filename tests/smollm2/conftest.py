@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import ServeStack, deploy, serve_args
+from tests.conftest import SMALL, ServeStack, serve_args, wait_ready
 
 ROUTE = "/smollm2"
 
@@ -20,5 +20,15 @@ def smollm2_stack(ray_cluster, smollm2_model_path) -> ServeStack:
         engine={"torch_threads": 2, "max_total_tokens": 32768},
         ingress={"default_max_tokens": 64},
     )
-    return deploy(ray_cluster, "smollm2", ROUTE, args,
-                  {"num_replicas": 1, "ray_actor_options": {"num_cpus": 1}})
+    from ray import serve
+
+    from app.config import AppSettings
+    from app.deployments import build
+
+    options = {"Ingress": SMALL, "Scheduler": SMALL,
+               "ModelReplica": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 1}}}
+    serve.run(build(AppSettings.from_args(args), options), name="smollm2", route_prefix=ROUTE,
+              blocking=False)
+    # A 30-layer model on a busy shared machine: give the first start more than the tiny app's.
+    return wait_ready(f"http://127.0.0.1:{ray_cluster.http_port}{ROUTE}", "smollm2",
+                      timeout_s=600)

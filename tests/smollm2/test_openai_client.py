@@ -9,7 +9,8 @@ import jsonschema
 import openai
 import pytest
 
-pytestmark = pytest.mark.serve
+# Generous: the first test also starts Ray and the SmolLM2 app (minutes on a busy machine).
+pytestmark = [pytest.mark.serve, pytest.mark.timeout(900)]
 
 CITY_SCHEMA = {
     "type": "object",

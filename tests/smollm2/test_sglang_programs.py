@@ -35,7 +35,8 @@ import types
 import httpx
 import pytest
 
-pytestmark = pytest.mark.serve
+# Generous: the first test also starts Ray and the SmolLM2 app (minutes on a busy machine).
+pytestmark = [pytest.mark.serve, pytest.mark.timeout(900)]
 
 
 def import_sglang_frontend():
