@@ -21,6 +21,8 @@ from collections.abc import AsyncIterator, Callable
 
 from app.protocol import GenerateOutput
 
+REPLACEMENT_CHAR = "\ufffd"  # what a decoder renders for an incomplete UTF-8 sequence
+
 
 async def coalesce(
     source: AsyncIterator[GenerateOutput], *, max_tokens: int, interval_s: float | Callable[[], float]
@@ -78,3 +80,13 @@ async def coalesce(
         aclose = getattr(iterator, "aclose", None)
         if aclose is not None:
             await aclose()
+
+
+def stable_text(text: str, finished: bool) -> str:
+    """`text` without a trailing run of U+FFFD while the stream goes on: such a tail is usually a
+    multi-byte character whose remaining bytes are in tokens not decoded yet, and a client must
+    never see a broken character that later changes. Engines already hold such tails back; this
+    is the last guard before text leaves the server. At the end everything is sent."""
+    if finished:
+        return text
+    return text.rstrip(REPLACEMENT_CHAR)

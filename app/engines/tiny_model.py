@@ -34,14 +34,8 @@ with a stale fingerprint (the recipe or corpus changed) is rebuilt and swapped i
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import hashlib
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -50,8 +44,9 @@ if TYPE_CHECKING:  # keep `import app.engines.tiny_model` light: torch loads onl
 
     from app.config import ModelSettings
 
+from app.engines.model_cache import MARKER_FILE, build_once, transformers_progress_bars_hidden
+
 MODEL_DIR_NAME = "tiny-llama-v1"
-MARKER_FILE = ".sglserve-complete"
 # Bump when anything below changes what gets built; the fingerprint also covers the corpus bytes.
 RECIPE_VERSION = 2
 SEED = 20241125
@@ -167,48 +162,39 @@ def ensure_tiny_model(cache_dir: str | None = None, *, progress: bool = True) ->
     """Return the directory of the tiny model under `cache_dir`, building it first if needed.
 
     Cheap when already built (reads one marker file). Concurrent callers in any number of
-    processes get the same finished directory; only one of them builds.
+    processes get the same finished directory; only one of them builds (app.engines.model_cache).
     """
-    root = Path(cache_dir or default_cache_dir()).expanduser().resolve()
-    target = root / MODEL_DIR_NAME
-    fingerprint = recipe_fingerprint()
-    if _is_complete(target, fingerprint):
-        return str(target)
-    root.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(root / f".{MODEL_DIR_NAME}.lock"):
-        if _is_complete(target, fingerprint):  # another process built it while we waited
-            return str(target)
-        _remove_orphans(root)  # left by a builder that was killed mid-build
-        staging = Path(tempfile.mkdtemp(prefix=f".{MODEL_DIR_NAME}.build-", dir=root))
-        try:
-            build_tiny_model(staging, progress=progress)
-            (staging / MARKER_FILE).write_text(fingerprint + "\n")
-            _make_world_readable(staging)  # mkdtemp makes it private; the cache may be shared
-            _swap_into_place(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    return str(target)
+    root = cache_dir or default_cache_dir()
+    return build_once(
+        root, MODEL_DIR_NAME, recipe_fingerprint(),
+        lambda staging: build_tiny_model(staging, progress=progress),
+    )
 
 
 def resolve_model_path(settings: ModelSettings) -> str:
-    """The path to load the model from: the built directory for `TINY_MODEL`, else
-    `settings.model_path` unchanged (a Hugging Face id or a local directory)."""
-    from app.config import TINY_MODEL
-
-    if settings.model_path == TINY_MODEL:
-        return ensure_tiny_model(settings.cache_dir, progress=False)
-    return settings.model_path
+    """The path to load the model from: the built directory for `TINY_MODEL`, the dequantized
+    directory for a GGUF model (`SMOLLM2_MODEL` or a path to a .gguf file, see
+    app.engines.gguf_model), else `settings.model_path` unchanged (a Hugging Face id or a local
+    directory)."""
+    return _resolve(settings.model_path, settings)
 
 
 def resolve_tokenizer_path(settings: ModelSettings) -> str:
     """Like `resolve_model_path`, for `settings.tokenizer_path` (defaulting to the model's)."""
-    from app.config import TINY_MODEL
-
     if settings.tokenizer_path is None:
         return resolve_model_path(settings)
-    if settings.tokenizer_path == TINY_MODEL:
+    return _resolve(settings.tokenizer_path, settings)
+
+
+def _resolve(path: str, settings: ModelSettings) -> str:
+    from app.config import TINY_MODEL
+    from app.engines import gguf_model
+
+    if path == TINY_MODEL:
         return ensure_tiny_model(settings.cache_dir, progress=False)
-    return settings.tokenizer_path
+    if gguf_model.is_gguf_model(path):
+        return gguf_model.ensure_gguf_model(path, settings.cache_dir, dtype=settings.dtype)
+    return path
 
 
 def build_tiny_model(out_dir: Path, *, progress: bool = True) -> None:
@@ -223,7 +209,7 @@ def build_tiny_model(out_dir: Path, *, progress: bool = True) -> None:
         model, generation_config = _init_model(tokenizer)
         bar.update()
         bar.set_postfix_str("save")
-        with _transformers_progress_bars_hidden():  # our bar already covers saving
+        with transformers_progress_bars_hidden():  # our bar already covers saving
             tokenizer.save_pretrained(out_dir)
             model.save_pretrained(out_dir)
             generation_config.save_pretrained(out_dir)
@@ -328,62 +314,6 @@ def _init_model(tokenizer: PreTrainedTokenizerFast) -> tuple[LlamaForCausalLM, G
     )
     model.generation_config = generation_config
     return model, generation_config
-
-
-@contextlib.contextmanager
-def _transformers_progress_bars_hidden() -> Iterator[None]:
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
-
-def _is_complete(target: Path, fingerprint: str) -> bool:
-    try:
-        return (target / MARKER_FILE).read_text().strip() == fingerprint
-    except OSError:
-        return False
-
-
-def _remove_orphans(root: Path) -> None:
-    """Delete temporary build/stale directories. Only the lock holder creates them, so with the
-    lock held any that exist belong to a dead process."""
-    for orphan in root.glob(f".{MODEL_DIR_NAME}.*-*"):
-        if orphan.is_dir():
-            shutil.rmtree(orphan, ignore_errors=True)
-
-
-def _make_world_readable(directory: Path) -> None:
-    directory.chmod(0o755)
-    for path in directory.iterdir():
-        path.chmod(0o644)
-
-
-@contextlib.contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
-    with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes, even on a crash
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _swap_into_place(staging: Path, target: Path) -> None:
-    """Move a finished build to `target`; a stale `target` is moved aside first, then deleted.
-    Called with the build lock held."""
-    stale: Path | None = None
-    if target.exists():
-        stale = Path(tempfile.mkdtemp(prefix=f".{MODEL_DIR_NAME}.stale-", dir=target.parent))
-        os.rename(target, stale / "old")
-    os.rename(staging, target)
-    if stale is not None:
-        shutil.rmtree(stale, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> None:

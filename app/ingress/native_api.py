@@ -1,7 +1,8 @@
 """SGLang's native HTTP API, field-compatible with SGLang's own server, so the unmodified `sglang`
 frontend (`sgl.RuntimeEndpoint`) and other SGLang clients run against sglserve.
 
-POST /generate (text or input_ids, single or batched, streaming with CUMULATIVE text), GET
+POST /generate (text or input_ids, single or batched, streaming with CUMULATIVE text and, as in
+SGLang 0.5.23, per-chunk output logprobs plus `output_token_logprobs_length`), GET
 /get_model_info, GET /server_info (+ /get_server_info), POST /flush_cache, GET /health_generate,
 POST /abort_request.
 """
@@ -20,6 +21,7 @@ from app.ingress import guard
 from app.ingress.gateway import Gateway
 from app.ingress.sse import sse_event, sse_stream
 from app.protocol import GenerateOutput, GenerateRequest, SamplingParams
+from app.streaming import stable_text
 
 DEFAULT_MAX_NEW_TOKENS = 128  # SGLang's default when sampling_params gives none
 
@@ -72,7 +74,15 @@ def _sampling_params(raw: dict[str, Any] | None, field: str) -> SamplingParams:
         raise ValidationError(f"{param}: {err.get('msg')}", param=param) from None
 
 
-def _meta_info(out: GenerateOutput, latency_s: float, with_logprobs: bool) -> dict[str, Any]:
+def _meta_info(
+    out: GenerateOutput,
+    latency_s: float,
+    with_logprobs: bool,
+    chunk: GenerateOutput | None = None,
+) -> dict[str, Any]:
+    """SGLang's meta_info for `out` (everything so far). In a stream, `chunk` is the increment
+    being sent: like SGLang's tokenizer manager, the output-side logprob lists then hold only
+    that chunk's new entries, and `output_token_logprobs_length` counts all of them so far."""
     meta: dict[str, Any] = {
         "id": out.rid,
         "finish_reason": out.finish_reason.model_dump(exclude_none=True) if out.finish_reason else None,
@@ -82,14 +92,17 @@ def _meta_info(out: GenerateOutput, latency_s: float, with_logprobs: bool) -> di
         "e2e_latency": latency_s,
     }
     if with_logprobs:
+        output_side = chunk if chunk is not None else out
         meta["input_token_logprobs"] = [list(e) for e in out.input_token_logprobs or []]
-        meta["output_token_logprobs"] = [list(e) for e in out.output_token_logprobs or []]
+        meta["output_token_logprobs"] = [list(e) for e in output_side.output_token_logprobs or []]
+        meta["output_token_logprobs_length"] = len(out.output_token_logprobs or [])
         if out.input_top_logprobs is not None or out.output_top_logprobs is not None:
             meta["input_top_logprobs"] = [
                 [list(e) for e in top] if top else None for top in out.input_top_logprobs or []
             ]
             meta["output_top_logprobs"] = [
-                [list(e) for e in top] if top else None for top in out.output_top_logprobs or []
+                [list(e) for e in top] if top else None
+                for top in output_side.output_top_logprobs or []
             ]
     return meta
 
@@ -105,11 +118,15 @@ def native_router(gateway_of) -> APIRouter:
         started = time.monotonic()
         with_logprobs = [r.return_logprob for r in requests]
 
-        def render(out: GenerateOutput, index: int, text: str, ids: list[int]) -> dict[str, Any]:
+        def render(
+            out: GenerateOutput, index: int, text: str, ids: list[int],
+            chunk: GenerateOutput | None = None,
+        ) -> dict[str, Any]:
+            latency = time.monotonic() - started
             item = {
                 "text": text,
                 "output_ids": ids,
-                "meta_info": _meta_info(out, time.monotonic() - started, with_logprobs[index]),
+                "meta_info": _meta_info(out, latency, with_logprobs[index], chunk),
             }
             if batched:
                 item["index"] = index
@@ -124,7 +141,9 @@ def native_router(gateway_of) -> APIRouter:
             totals: dict[int, GenerateOutput] = {}
             async for index, out in guard.filter_stream(request, gateway.stream_many(requests), len(requests)):
                 total = totals[index] = out if index not in totals else totals[index].merge(out)
-                yield sse_event(render(total, index, total.text, total.token_ids))
+                # Cumulative text (SGLang's default stream), never ending in a broken character.
+                text = stable_text(total.text, total.finished)
+                yield sse_event(render(total, index, text, total.token_ids, chunk=out))
 
         return StreamingResponse(sse_stream(events()), media_type="text/event-stream")
 

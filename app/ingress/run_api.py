@@ -12,6 +12,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import Field, model_validator
 
 from app.ingress.gateway import Gateway
 from app.ingress.sse import sse_event, sse_stream
@@ -20,6 +21,29 @@ from app.lang.request import RunRequest
 from app.protocol import GenerateRequest, SamplingParams
 
 ROUTING_PREFIX_CHARS = 4096  # the program's leading text used as the routing key
+
+
+class RunBody(RunRequest):
+    """The body of POST /run: the program as `program` or, as the reference client posts it
+    (`json={"script": script, **kwargs}`), as `script`. Exactly one of the two (else 422)."""
+
+    program: str | list[Any] | None = Field(
+        None, description="The script text, or the JSON list of ops. Alias: `script`."
+    )
+    script: str | list[Any] | None = Field(None, description="Same as `program`.")
+
+    @model_validator(mode="after")
+    def _one_program(self) -> "RunBody":
+        if self.program is not None and self.script is not None:
+            raise ValueError("give the program as 'program' or as 'script', not both")
+        if self.program is None and self.script is None:
+            raise ValueError("the body needs 'program' (or its alias 'script')")
+        return self
+
+    def to_request(self) -> RunRequest:
+        program = self.program if self.program is not None else self.script
+        return RunRequest(program=program, arguments=self.arguments, sampling=self.sampling,
+                          stream=self.stream)
 
 
 def _leading_text(program: str | list[Any]) -> str:
@@ -39,8 +63,9 @@ def run_router(gateway_of) -> APIRouter:
     router = APIRouter()
 
     @router.post("/run")
-    async def run(body: RunRequest, request: Request):
+    async def run(run_body: RunBody, request: Request):
         gateway: Gateway = gateway_of(request)
+        body = run_body.to_request()
         # 413/422 now, before anything queues; the request's sampling defaults count towards the
         # token limit exactly as on the replica.
         parse(body.program, settings=gateway.settings.run, arguments=body.arguments,

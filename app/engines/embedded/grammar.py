@@ -77,6 +77,8 @@ import xgrammar as xgr
 from app.errors import PayloadTooLargeError, ValidationError
 
 GRAMMAR_KINDS = ("json_schema", "regex", "ebnf")
+# The cost of a byte string that no sequence of tokens spells (see _Vocabulary.suffix_costs).
+UNSPELLABLE = 1 << 40
 STEERING_MARGIN_TOKENS = 12
 WITNESS_MAX_BYTES = 4096
 WITNESS_MAX_NODES = 2000
@@ -164,22 +166,30 @@ class _Vocabulary:
         for token_id, data in self.token_bytes.items():
             if any(byte < 0x20 for byte in data):
                 self.control_byte_tokens[token_id] = True
+        # Byte-level vocabularies need not have every byte: SmolLM2's BPE alphabet lacks 21
+        # (a few control bytes, 0xC0/0xC1 and 0xF1-0xFF, never seen in its training text), and
+        # no token contains them. The witness search only walks bytes that have a token, and a
+        # byte string using a missing byte costs UNSPELLABLE (see suffix_costs).
         self.single_byte_ids = {b[0]: i for b, i in self.id_of_bytes.items() if len(b) == 1}
-        assert len(self.single_byte_ids) == 256, "steering needs a byte-level vocabulary"
         order = list(_BYTE_PREFERENCE) + [b for b in range(256) if b not in _BYTE_PREFERENCE]
-        self.byte_ids_by_preference = torch.tensor([self.single_byte_ids[b] for b in order])
+        order = [b for b in order if b in self.single_byte_ids]
+        self.byte_ids_by_preference = torch.tensor(
+            [self.single_byte_ids[b] for b in order], dtype=torch.long
+        )
         self.bytes_by_preference = order
 
     def suffix_costs(self, data: bytes) -> list[int]:
         """costs[i] = fewest tokens spelling data[i:] exactly (costs[len(data)] = 0).
 
-        Dynamic programming over the vocabulary's byte strings; the vocabulary has every single
-        byte, so each suffix has a spelling. An upper bound on the tokens the model needs to emit
-        those bytes, since xgrammar matches tokens by their bytes."""
+        Dynamic programming over the vocabulary's byte strings. An upper bound on the tokens the
+        model needs to emit those bytes, since xgrammar matches tokens by their bytes; a suffix no
+        tokens spell (a byte missing from the vocabulary) costs at least UNSPELLABLE."""
         size = len(data)
         costs = [0] * (size + 1)
         for start in range(size - 1, -1, -1):
-            best = costs[start + 1] + 1  # a single byte token always exists
+            best = UNSPELLABLE
+            if data[start] in self.single_byte_ids:
+                best = costs[start + 1] + 1
             for length in range(2, min(self.max_token_bytes, size - start) + 1):
                 if data[start : start + length] in self.id_of_bytes:
                     best = min(best, costs[start + length] + 1)
@@ -326,8 +336,17 @@ class GrammarCompiler:
         # about the spread: seed the steering margin with it (decoding keeps learning).
         grammar.note_witness_jump(max(spreads, default=0) + 1)
         if witness is not None:
+            cost = self.vocabulary.token_cost(witness)
+            if cost >= UNSPELLABLE:
+                # The only completion found goes through a byte that the vocabulary has no token
+                # for: the model cannot produce it (e.g. a literal "\xff" for a BPE without it).
+                raise ValidationError(
+                    f"this {kind} needs bytes ({witness!r}) that the model's vocabulary cannot "
+                    "produce",
+                    param=kind,
+                )
             grammar.start_witness = witness
-            grammar.min_completion_tokens = self.vocabulary.token_cost(witness)
+            grammar.min_completion_tokens = cost
         grammar.compile_time_s = time.perf_counter() - start
         return grammar
 
@@ -450,9 +469,13 @@ class GrammarMatcher:
     # --- internals -----------------------------------------------------------------------------
 
     def _set_witness(self, witness: bytes | None, costs: list[int] | None = None) -> None:
-        self._witness = witness
         if witness is not None:
-            self._costs = costs if costs is not None else self.vocabulary.suffix_costs(witness)
+            costs = costs if costs is not None else self.vocabulary.suffix_costs(witness)
+            if costs[0] >= UNSPELLABLE:
+                witness = None  # no tokens spell it: as good as no witness (unsteered step)
+            else:
+                self._costs = costs
+        self._witness = witness
 
     def _steering_mask(self, mask: torch.Tensor, witness: bytes) -> torch.Tensor:
         """Tokens after which a witness costing at most remaining_tokens - 1 is known."""
