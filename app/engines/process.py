@@ -398,7 +398,7 @@ def _picklable(error: BaseException) -> BaseException:
 
 
 async def _serve(conn: Connection) -> None:
-    from app.engines.factory import make_engine
+    from app.engines.local import make_local_engine as make_engine
 
     try:
         _, settings = conn.recv()

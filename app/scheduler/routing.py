@@ -45,7 +45,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from app.scheduler.prefix_tree import PrefixTree
+from app.prefix_tree import PrefixTree
 
 
 @dataclass
