@@ -1,4 +1,9 @@
-"""Builds the Ray Serve application: Ingress -> Scheduler -> ModelReplica.
+"""Builds the Ray Serve application: Ingress -> Scheduler (tickets) and Ingress -> ModelReplica (tokens).
+
+The Ingress holds a handle to each: it asks the Scheduler for a ticket (admission, replica
+choice) and streams the tokens from the ticket's replica itself. The Scheduler holds a replica
+handle too, for broadcasts (/flush_cache, /server_info), aborts, readiness and /run programs, and
+its request router is how the scheduler learns replica membership and load.
 
 `serve run serve_config.yaml` imports `app.deployments:build_app` and passes the config's `args`;
 per-deployment options (replicas, CPUs/GPUs, autoscaling) come from the config's `deployments`
@@ -23,7 +28,8 @@ DEPLOYMENT_NAMES = ("Ingress", "Scheduler", "ModelReplica")
 
 
 def routing_config(settings: AppSettings) -> RequestRouterConfig:
-    """The scheduler's handle to the replicas routes by our policy (runs in the scheduler)."""
+    """Every handle to the replicas routes through our request router: a ticket's call goes to
+    the replica the scheduler chose (`target_replica`); any other call by the policy."""
     return RequestRouterConfig(
         request_router_class="app.scheduler.ray_router:PolicyRequestRouter",
         request_router_kwargs={"policy": settings.scheduler.routing_policy, **policy_kwargs(settings)},
@@ -52,7 +58,7 @@ def build(settings: AppSettings, options: dict[str, dict[str, Any]] | None = Non
     replica_options = {"request_router_config": routing_config(settings), **placed}
     replica = ModelReplicaDeployment.options(**replica_options).bind(raw)
     scheduler = SchedulerDeployment.options(**options.get("Scheduler", {})).bind(replica, raw)
-    return IngressDeployment.options(**options.get("Ingress", {})).bind(scheduler, raw)
+    return IngressDeployment.options(**options.get("Ingress", {})).bind(scheduler, raw, replica)
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:

@@ -1,0 +1,129 @@
+"""Where the CPU goes per streamed token: each Serve process's CPU seconds per 1,000 tokens.
+
+One sglserve application (embedded engine, one replica, Ray Serve throughput mode) under a closed
+loop of streaming /v1/completions at one concurrency. Before and after the load, the CPU time of
+the Ingress, Scheduler and ModelReplica processes (and the replica's engine process) is read from
+/proc (psutil), so each gets CPU seconds per 1,000 streamed tokens. Messages: the SSE events the
+client received (each crossed every hop of the token path once), and the scheduler's own count of
+the calls it served when it reports one (`token_path` in its stats).
+
+    python -m bench.token_path [--concurrency 32] [--requests 192] [--label after] [--json out.json]
+
+Writes nothing into bench/results by itself: bench/token_path_report.py puts runs side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+
+import psutil
+
+from bench.common import MODEL, deploy_app, machine, start_ray_serve, stop_ray_serve
+from bench.overhead import CACHE_DIR, ENGINE, make_prompts
+
+ROLES = ("Ingress", "Scheduler", "ModelReplica")
+
+
+def serve_processes(app: str) -> dict[str, list[psutil.Process]]:
+    """The worker processes of the app's deployments (Ray names them `ray::ServeReplica:app:Name`),
+    and the replica's engine process (its child running app.engines.process)."""
+    found: dict[str, list[psutil.Process]] = {role: [] for role in (*ROLES, "engine process")}
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info.get("cmdline") or [])
+        for role in ROLES:
+            if f"ServeReplica:{app}:{role}" in cmd:
+                found[role].append(proc)
+                if role == "ModelReplica":
+                    found["engine process"] += [c for c in proc.children(recursive=True)
+                                                if "app.engines.process" in " ".join(c.cmdline())]
+    return found
+
+
+def cpu_seconds(procs: dict[str, list[psutil.Process]]) -> dict[str, float]:
+    out = {}
+    for role, ps in procs.items():
+        total = 0.0
+        for p in ps:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.NoSuchProcess:
+                pass
+        out[role] = total
+    return out
+
+
+async def drive(base: str, concurrency: int, prompts: list[list[int]], max_tokens: int) -> tuple[int, int, float]:
+    """Closed loop; returns (completion tokens, SSE events, wall seconds)."""
+    import aiohttp
+
+    tokens = events = 0
+    queue = iter(prompts)
+    connector = aiohttp.TCPConnector(limit=concurrency * 2)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
+
+        async def worker() -> None:
+            nonlocal tokens, events
+            for ids in queue:
+                body = {"model": MODEL, "prompt": ids, "max_tokens": max_tokens, "temperature": 0,
+                        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+                async with session.post(f"{base}/v1/completions", json=body) as resp:
+                    resp.raise_for_status()
+                    async for line in resp.content:
+                        if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                            continue
+                        event = json.loads(line[6:])
+                        if event.get("usage"):
+                            tokens += event["usage"]["completion_tokens"]
+                        elif event.get("choices"):
+                            events += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return tokens, events, time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=192)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--label", default="run")
+    parser.add_argument("--json", help="append the result as one JSON line to this file")
+    args = parser.parse_args()
+    port = start_ray_serve(throughput_optimized=True)
+    try:
+        settings = {"model": {"cache_dir": CACHE_DIR}, "engine": ENGINE,
+                    "scheduler": {"max_concurrent": 256, "max_queue": 1024}}
+        base = deploy_app(port, "tp", settings)
+        procs = serve_processes("tp")
+        asyncio.run(drive(base, 8, make_prompts(16, 64, seed=999), args.max_tokens))  # warm-up
+        load = psutil.getloadavg()[0]
+        before = cpu_seconds(procs)
+        tokens, events, wall = asyncio.run(
+            drive(base, args.concurrency, make_prompts(args.requests, 64, seed=1), args.max_tokens))
+        after = cpu_seconds(procs)
+        import httpx
+
+        stats = httpx.get(f"{base}/server_info", timeout=60).json()["scheduler"]
+    finally:
+        stop_ray_serve()
+    result = {
+        "label": args.label, "machine": machine(), "load_avg_1m": load, "concurrency": args.concurrency,
+        "requests": args.requests, "tokens": tokens, "sse_events": events, "wall_s": wall,
+        "tok_s": tokens / wall, "events_per_s": events / wall,
+        "cpu_s_per_1k_tokens": {role: (after[role] - before[role]) * 1000 / max(1, tokens) for role in after},
+        "cpu_cores": {role: (after[role] - before[role]) / wall for role in after},
+        "scheduler": {k: stats.get(k) for k in ("retries_total", "tickets", "calls")},
+    }
+    print(json.dumps(result, indent=1))
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()
