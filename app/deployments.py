@@ -23,6 +23,7 @@ from app.ingress.server import IngressDeployment
 from app.placement import merge_replica_options, replica_placement
 from app.replica import ModelReplicaDeployment
 from app.scheduler.deployment import SchedulerDeployment
+from app.scheduler.office import policy_kwargs
 
 DEPLOYMENT_NAMES = ("Ingress", "Scheduler", "ModelReplica")
 
@@ -32,19 +33,11 @@ def routing_config(settings: AppSettings) -> RequestRouterConfig:
     the replica the scheduler chose (`target_replica`); any other call by the policy."""
     return RequestRouterConfig(
         request_router_class="app.scheduler.ray_router:PolicyRequestRouter",
+        # The routers' own policy serves untargeted calls only; tickets are placed by the scheduler.
         request_router_kwargs={"policy": settings.scheduler.routing_policy, **policy_kwargs(settings)},
         request_routing_stats_period_s=1.0,
         request_routing_stats_timeout_s=5.0,
     )
-
-
-def policy_kwargs(settings: AppSettings) -> dict[str, Any]:
-    """The routing policy's options; cache_aware's tree holds about what a replica's KV holds, so it
-    forgets prefixes roughly when the replica evicts them."""
-    kwargs = dict(settings.scheduler.routing_policy_kwargs)
-    if settings.scheduler.routing_policy == "cache_aware" and settings.engine.max_total_tokens:
-        kwargs.setdefault("max_tree_tokens_per_replica", settings.engine.max_total_tokens)
-    return kwargs
 
 
 def build(settings: AppSettings, options: dict[str, dict[str, Any]] | None = None) -> Application:
