@@ -7,9 +7,11 @@ the Ingress, Scheduler and ModelReplica processes (and the replica's engine proc
 client received (each crossed every hop of the token path once), and the scheduler's own count of
 the calls it served when it reports one (`token_path` in its stats).
 
-    python -m bench.token_path [--concurrency 32] [--requests 192] [--label after] [--json out.json]
+    python -m bench.token_path [--concurrency 32] [--requests 192] [--label after] [--json runs.jsonl]
+    python -m bench.token_path --report runs.jsonl      # runs side by side -> bench/results/token_path.md + png
 
-Writes nothing into bench/results by itself: bench/token_path_report.py puts runs side by side.
+A "before" run needs the code before the change on PYTHONPATH (e.g. a `git archive` of it), since
+the Ray workers import `app` from there.
 """
 
 from __future__ import annotations
@@ -86,14 +88,63 @@ async def drive(base: str, concurrency: int, prompts: list[list[int]], max_token
         return tokens, events, time.perf_counter() - started
 
 
+def report(path: str, name: str = "token_path") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bench.common import RESULTS, write_result
+
+    runs = [json.loads(line) for line in open(path) if line.strip()]
+    roles = ("Ingress", "Scheduler", "ModelReplica", "engine process")
+    lines = [
+        "# CPU per streamed token in each process, before and after the ticket protocol",
+        "",
+        f"Machine: {runs[-1]['machine']}",
+        "",
+        "One sglserve application (embedded engine, one replica, Ray Serve throughput mode), a closed loop of "
+        "streaming /v1/completions (prompts of 64 token ids, 64 output tokens, greedy); CPU seconds of each "
+        "Serve process per 1,000 streamed tokens (psutil, user + system), over the measured load only. "
+        "Short runs: the machine is shared by 8 developers (see the load average per run).",
+        "",
+        "| run | c | load avg | tok/s | SSE events/s | " + " | ".join(f"{r} CPU s / 1k tok" for r in roles)
+        + " | scheduler calls per request |",
+        "|---|---|---|---|---|" + "---|" * len(roles) + "---|",
+    ]
+    for run in runs:
+        calls = (run.get("scheduler") or {}).get("calls")
+        per_request = f"{sum(calls.values()) / run['requests']:.2f}" if calls else "2 + 2 per chunk (proxied)"
+        cpu = run["cpu_s_per_1k_tokens"]
+        lines.append(f"| {run['label']} | {run['concurrency']} | {run['load_avg_1m']:.1f} | {run['tok_s']:.0f} | "
+                     f"{run['events_per_s']:.0f} | " + " | ".join(f"{cpu.get(r, 0):.3f}" for r in roles)
+                     + f" | {per_request} |")
+    lines += ["", f"![CPU per 1,000 tokens]({name}.png)", ""]
+    write_result(name, "\n".join(lines))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(runs)
+    for k, run in enumerate(runs):
+        ax.bar([i + k * width for i in range(len(roles))], [run["cpu_s_per_1k_tokens"].get(r, 0) for r in roles],
+               width, label=run["label"])
+    ax.set_xticks([i + width * (len(runs) - 1) / 2 for i in range(len(roles))], roles)
+    ax.set_ylabel("CPU seconds per 1,000 streamed tokens")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"{name}.png", dpi=110)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--report", help="write bench/results/token_path.md from this JSON-lines file")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--requests", type=int, default=192)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--label", default="run")
     parser.add_argument("--json", help="append the result as one JSON line to this file")
     args = parser.parse_args()
+    if args.report:
+        report(args.report)
+        return
     port = start_ray_serve(throughput_optimized=True)
     try:
         settings = {"model": {"cache_dir": CACHE_DIR}, "engine": ENGINE,
