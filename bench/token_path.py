@@ -123,6 +123,24 @@ def report(path: str, name: str = "token_path") -> None:
         cells = [f"{cpu.get(r, 0):.3f} ({above[r]:.3f})" if r in above else f"{cpu.get(r, 0):.3f}" for r in roles]
         lines.append(f"| {run['label']} | {run['concurrency']} | {run['load_avg_1m']:.1f} | {run['tok_s']:.0f} | "
                      f"{run['events_per_s']:.0f} | " + " | ".join(cells) + f" | {per_request} |")
+    lines += [
+        "",
+        "Per message instead of per token: the number of streamed chunks per token depends on the machine's "
+        "speed (the replica coalesces by time), so CPU per SSE event (each crossed every hop of the token "
+        "path once) compares runs on a drifting machine; the Scheduler's cost is per request now.",
+        "",
+        "| run | SSE events | Ingress ms CPU / event | Scheduler ms CPU / event | ModelReplica ms CPU / event "
+        "| Scheduler ms CPU / request (above idle) | Scheduler share of the three processes' CPU (above idle) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        total = {r: v * run["tokens"] / 1000 for r, v in run["cpu_s_per_1k_tokens"].items()}
+        above = run.get("cpu_s_per_1k_tokens_above_idle", run["cpu_s_per_1k_tokens"])
+        framework = sum(above[r] for r in ("Ingress", "Scheduler", "ModelReplica"))
+        per_event = {r: total[r] * 1000 / max(1, run["sse_events"]) for r in total}
+        lines.append(f"| {run['label']} | {run['sse_events']} | {per_event['Ingress']:.2f} | {per_event['Scheduler']:.2f} | "
+                     f"{per_event['ModelReplica']:.2f} | {above['Scheduler'] * run['tokens'] / run['requests']:.2f} | "
+                     f"{above['Scheduler'] / framework:.0%} |")
     lines += ["", "Idle burn (cores) per process: " + "; ".join(
         f"{run['label']}: " + ", ".join(f"{r} {run['idle_cores'][r]:.3f}" for r in roles)
         for run in runs if "idle_cores" in run) + "."]
