@@ -110,6 +110,10 @@ class SchedulerSettings(_Section):
     stream_interval_ms: float = Field(50.0, ge=0)  # after the first token, send at most this often
     max_stream_interval_ms: float = Field(500.0, ge=0)  # ... stretched up to this with many streams
     max_retries: int = Field(2, ge=0)
+    # Ticket protocol (app/scheduler/tickets.py): a started stream whose replica fails continues on
+    # another replica from the prompt + the tokens already sent, at most this many times.
+    max_stream_migrations: int = Field(2, ge=0)
+    ticket_lease_s: float = Field(30.0, gt=0)  # a ticket the Ingress stops renewing frees its slot
 
 
 class IngressSettings(_Section):

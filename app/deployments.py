@@ -1,4 +1,9 @@
-"""Builds the Ray Serve application: Ingress -> Scheduler -> ModelReplica.
+"""Builds the Ray Serve application: Ingress -> Scheduler (tickets) and Ingress -> ModelReplica (tokens).
+
+The Ingress holds a handle to each: it asks the Scheduler for a ticket (admission, replica
+choice) and streams the tokens from the ticket's replica itself. The Scheduler holds a replica
+handle too, for broadcasts (/flush_cache, /server_info), aborts, readiness and /run programs, and
+its request router is how the scheduler learns replica membership and load.
 
 `serve run serve_config.yaml` imports `app.deployments:build_app` and passes the config's `args`;
 per-deployment options (replicas, CPUs/GPUs, autoscaling) come from the config's `deployments`
@@ -19,28 +24,22 @@ from app.placement import merge_replica_options, replica_placement
 from app.jobs.runner import JobRunnerDeployment
 from app.replica import ModelReplicaDeployment
 from app.scheduler.deployment import SchedulerDeployment
+from app.scheduler.office import policy_kwargs
 
 DEPLOYMENT_NAMES = ("Ingress", "Scheduler", "ModelReplica")
 OPTIONAL_DEPLOYMENT_NAMES = ("JobRunner",)  # only with jobs.enabled (app/jobs/runner.py)
 
 
 def routing_config(settings: AppSettings) -> RequestRouterConfig:
-    """The scheduler's handle to the replicas routes by our policy (runs in the scheduler)."""
+    """Every handle to the replicas routes through our request router: a ticket's call goes to
+    the replica the scheduler chose (`target_replica`); any other call by the policy."""
     return RequestRouterConfig(
         request_router_class="app.scheduler.ray_router:PolicyRequestRouter",
+        # The routers' own policy serves untargeted calls only; tickets are placed by the scheduler.
         request_router_kwargs={"policy": settings.scheduler.routing_policy, **policy_kwargs(settings)},
         request_routing_stats_period_s=1.0,
         request_routing_stats_timeout_s=5.0,
     )
-
-
-def policy_kwargs(settings: AppSettings) -> dict[str, Any]:
-    """The routing policy's options; cache_aware's tree holds about what a replica's KV holds, so it
-    forgets prefixes roughly when the replica evicts them."""
-    kwargs = dict(settings.scheduler.routing_policy_kwargs)
-    if settings.scheduler.routing_policy == "cache_aware" and settings.engine.max_total_tokens:
-        kwargs.setdefault("max_tree_tokens_per_replica", settings.engine.max_total_tokens)
-    return kwargs
 
 
 def build(settings: AppSettings, options: dict[str, dict[str, Any]] | None = None) -> Application:
@@ -54,9 +53,10 @@ def build(settings: AppSettings, options: dict[str, dict[str, Any]] | None = Non
     replica_options = {"request_router_config": routing_config(settings), **placed}
     replica = ModelReplicaDeployment.options(**replica_options).bind(raw)
     scheduler = SchedulerDeployment.options(**options.get("Scheduler", {})).bind(replica, raw)
-    # The job runner executes jobs through the same scheduler (app/jobs/runner.py).
-    runner = JobRunnerDeployment.options(**options.get("JobRunner", {})).bind(scheduler, raw) if settings.jobs.enabled else None
-    return IngressDeployment.options(**options.get("Ingress", {})).bind(scheduler, raw, runner)
+    # The job runner executes jobs through the same scheduler and replicas (app/jobs/runner.py).
+    runner = (JobRunnerDeployment.options(**options.get("JobRunner", {})).bind(scheduler, raw, replica)
+              if settings.jobs.enabled else None)
+    return IngressDeployment.options(**options.get("Ingress", {})).bind(scheduler, raw, replica, runner)
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:

@@ -502,6 +502,18 @@ class SchedulerMetrics:
                 self.m["admission_rejections"].inc(1, tags={"reason": exc.code or "overloaded"})
             raise
 
+    async def acquire(self, meta: Any) -> None:
+        """The admission queue's `acquire` (a slot held until released), timed and counted."""
+        from app.errors import OverloadedError
+
+        started = time.monotonic()
+        try:
+            await self.admission.acquire(meta)
+        except OverloadedError as exc:
+            self.m["admission_rejections"].inc(1, tags={"reason": exc.code or "overloaded"})
+            raise
+        self.m["queue_time_seconds"].observe(time.monotonic() - started)
+
     def record_retry(self) -> None:
         self.m["retries"].inc(1)
 

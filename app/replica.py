@@ -1,6 +1,7 @@
 """The model replica deployment: one engine, pinned to its device(s), behind a small async API.
 
-The scheduler calls `generate` (streaming) on a replica it chose; Ray Serve runs as many replicas as
+The Ingress calls `generate` (streaming) on the replica the scheduler chose for the request's
+ticket (`target_replica`, honoured by the request router); Ray Serve runs as many replicas as
 `serve_config.yaml` (or the autoscaler) asks for, each with its own `ray_actor_options` (num_gpus
 pins a replica to its GPU through CUDA_VISIBLE_DEVICES). The replica publishes its load to the
 request router (`record_routing_stats`) and to the autoscaler (`record_autoscaling_stats`), and
@@ -26,13 +27,14 @@ from app.config import AppSettings
 from app.engines.base import Engine
 from app.metrics import ReplicaMetrics
 from app.placement import device_report, prepare_replica_devices
-from app.protocol import EngineStats, GenerateOutput, GenerateRequest, ModelInfo
+from app.protocol import EngineStats, FinishReason, GenerateOutput, GenerateRequest, ModelInfo
 from app.streaming import coalesce
 
 logger = logging.getLogger("sglserve.replica")
 
 GRACEFUL_SHUTDOWN_TIMEOUT_S = 20.0  # how long a stopping replica may finish its requests
 STREAMS_PER_INTERVAL = 4  # open streams per base stream interval (see _stream_interval_s)
+EARLY_ABORT_S = 10.0  # how long an abort for a request not (yet) here is remembered
 
 
 class ModelReplica:
@@ -43,6 +45,7 @@ class ModelReplica:
         self._open_streams = 0
         self._draining = False  # set when Serve stops this replica: no new work, finish what runs
         self._recent = RecentRequests()  # TTFTs and completions, for the autoscaling policy
+        self._early_aborts: dict[str, float] = {}  # rid -> when an abort came before the request
         try:
             self.replica_id = serve.get_replica_context().replica_id.unique_id
         except Exception:  # noqa: BLE001 - constructed outside Serve (tests)
@@ -63,8 +66,13 @@ class ModelReplica:
             time.monotonic() - started,
         )
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
-        """Stream one request's increments, coalesced for the hop back to the scheduler."""
+    async def generate(self, request: GenerateRequest, target_replica: str | None = None) -> AsyncIterator[GenerateOutput]:
+        """Stream one request's increments, coalesced for the hop to the Ingress. `target_replica`
+        only steers the request router (the scheduler chose this replica for the ticket)."""
+        if self._early_aborts.pop(request.rid, None) is not None:
+            yield GenerateOutput(rid=request.rid, finished=True, served_by=self.replica_id,
+                                 finish_reason=FinishReason(type="abort", message="aborted by /abort_request"))
+            return
         stream = coalesce(
             self.engine.generate(request), max_tokens=self.settings.scheduler.decoding_chunk_size,
             interval_s=self._stream_interval_s,
@@ -95,18 +103,27 @@ class ModelReplica:
         scaled = cfg.stream_interval_ms * max(1.0, self._open_streams / STREAMS_PER_INTERVAL)
         return min(scaled, max(cfg.stream_interval_ms, cfg.max_stream_interval_ms)) / 1000.0
 
-    async def run_program(self, route: GenerateRequest, body: dict[str, Any]) -> dict[str, Any]:
+    async def run_program(self, route: GenerateRequest, body: dict[str, Any],
+                          target_replica: str | None = None) -> dict[str, Any]:
         """Run a whole /run program on this replica's engine. `route` only carries the routing
         key (the program's leading text) for the request router; the body is the program."""
         result = await self.programs.run(body)
         return result.model_dump(mode="json")
 
-    async def run_program_stream(self, route: GenerateRequest, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def run_program_stream(self, route: GenerateRequest, body: dict[str, Any],
+                                 target_replica: str | None = None) -> AsyncIterator[dict[str, Any]]:
         async for event in self.programs.run_stream(body):
             yield event.model_dump(mode="json", exclude_none=True)
 
-    async def abort(self, rid: str) -> bool:
-        return await self.engine.abort(rid)
+    async def abort(self, rid: str, target_replica: str | None = None) -> bool:
+        """Abort a request; one that has not reached this replica yet (its ticket was issued, its
+        call is on the way) is aborted on arrival, within EARLY_ABORT_S."""
+        if await self.engine.abort(rid):
+            return True
+        now = time.monotonic()
+        self._early_aborts = {r: t for r, t in self._early_aborts.items() if now - t < EARLY_ABORT_S}
+        self._early_aborts[rid] = now
+        return False
 
     async def flush_cache(self, target_replica: str | None = None) -> bool:
         # `target_replica` only steers the request router (the scheduler flushes each replica).

@@ -448,8 +448,8 @@ def main() -> None:
         f"{args.device} with one torch thread), sides alternating in rounds in one process. *floor, 3 deployments*: HTTP -> an Ingress that "
         "only parses JSON and writes SSE -> a pass-through deployment -> sglserve's ModelReplica (engine "
         "process, coalescing), Ray Serve throughput mode. *floor, 2 deployments*: the same without the "
-        "pass-through (no Scheduler hop at all). *sglserve*: the whole application (Ingress -> Scheduler -> "
-        "ModelReplica), same mode.",
+        "pass-through (no Scheduler hop at all). *sglserve*: the whole application, same mode (since issue 16: "
+        "the Ingress takes a ticket from the Scheduler, then streams from the ModelReplica in one hop).",
         "",
         *engine_table(results),
         "",

@@ -95,8 +95,16 @@ def start_ray_serve(throughput_optimized: bool = False, ingress_ports: int = 2, 
     import ray
     from ray import serve
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-             configure_logging=False, **ray_kwargs)
+    for attempt in range(6):  # a busy shared machine can miss Ray's fixed 30 s node start-up window
+        try:
+            ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+                     configure_logging=False, **ray_kwargs)
+            break
+        except Exception:  # noqa: BLE001
+            ray.shutdown()
+            if attempt == 5:
+                raise
+            time.sleep(10)
     serve.start(http_options={"host": "127.0.0.1", "port": free_port() if throughput_optimized else port})
     return port
 

@@ -2,7 +2,7 @@
 
 Side A ("engine"): an EmbeddedEngine in this process, requests submitted with asyncio.
 Side B ("stack"): the same engine settings inside sglserve on Ray Serve, driven over HTTP
-(streaming /v1/completions) through ingress -> scheduler -> replica.
+(streaming /v1/completions) through the ingress (a ticket from the scheduler, then tokens straight from the replica).
 Both sides live in this process and alternate round by round at each level.
 Same prompts (token ids), same max_tokens with ignore_eos, greedy. Reported per concurrency:
 TTFT p50/p99, output tokens/s, and the ratios. The engine runs with one torch thread on both
@@ -138,7 +138,7 @@ def report(engine: dict, stack: dict, args: argparse.Namespace, scheduler: dict)
         "",
         f"Workload: prompts of {args.prompt_len} random token ids, {args.max_tokens} output tokens each "
         f"(ignore_eos, greedy), closed loop; the engine runs on {args.device} with 1 torch thread on both sides.",
-        f"Stack = {path} -> Scheduler -> ModelReplica -> engine, streaming SSE; Ray mode `{args.ray_mode}`; "
+        f"Stack = {path} (ticket from the Scheduler) -> ModelReplica -> engine, streaming SSE; Ray mode `{args.ray_mode}`; "
         f"scheduler settings: {scheduler}.",
         f"Both sides run in one process, alternating in {args.rounds} rounds per level (engine first in even "
         "rounds, stack first in odd ones), so drift of the shared machine hits both alike.",

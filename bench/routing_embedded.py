@@ -312,6 +312,7 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=64)
     parser.add_argument("--kv-per-replica", type=int, default=6144)
     parser.add_argument("--name", default="routing_embedded", help="results file name (.md, .png)")
+    parser.add_argument("--policies", nargs="+", choices=POLICIES, default=POLICIES, help="a shorter run: fewer policies")
     args = parser.parse_args()
     KV_TOKENS_PER_REPLICA = args.kv_per_replica
     if args.quick:
@@ -320,7 +321,7 @@ def main() -> None:
     else:
         workload = make_workload(n_systems=args.systems, n_users=args.users, concurrency=24, time_cap_s=60,
                                  system_tokens=tuple(args.system_tokens))
-        policies = POLICIES
+        policies = args.policies
     load_before = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     machine_line = machine()  # before the run: its load average is the machine's, not ours
     started = time.perf_counter()

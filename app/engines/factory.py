@@ -1,28 +1,16 @@
-"""Build the engine named by the settings. Heavy engines are imported only when chosen."""
+"""Build the engine named by the settings: the embedded engine in a process of its own when
+`engine.separate_process` is set, otherwise in this process (`app.engines.local`)."""
 
 from __future__ import annotations
 
 from app.config import AppSettings
 from app.engines.base import Engine
-from app.errors import EngineError
+from app.engines.local import make_local_engine
 
 
 def make_engine(settings: AppSettings) -> Engine:
-    kind = settings.engine.kind
-    if kind == "embedded":
-        if settings.engine.separate_process:
-            from app.engines.process import ProcessEngine
+    if settings.engine.kind == "embedded" and settings.engine.separate_process:
+        from app.engines.process import ProcessEngine
 
-            return ProcessEngine(settings)
-        from app.engines.embedded import EmbeddedEngine
-
-        return EmbeddedEngine(settings.model, settings.engine)
-    if kind == "sglang":
-        from app.engines.sglang_engine import SGLangEngine
-
-        return SGLangEngine(settings.model, settings.engine)
-    if kind == "simulated":
-        from app.engines.simulated import SimulatedCosts, SimulatedEngine
-
-        return SimulatedEngine(SimulatedCosts(**settings.engine.simulated_costs), name=settings.model.name)
-    raise EngineError(f"unknown engine kind {kind!r}: expected embedded, sglang or simulated")
+        return ProcessEngine(settings)
+    return make_local_engine(settings)

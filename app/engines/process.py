@@ -558,7 +558,7 @@ def _prepare(settings: dict[str, Any]) -> None:
 
 
 async def _serve(conn: Connection) -> None:
-    from app.engines.factory import make_engine
+    from app.engines.local import make_local_engine as make_engine
 
     try:
         kind, settings = conn.recv()

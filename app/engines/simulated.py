@@ -33,7 +33,7 @@ from typing import Any
 from app.engines.base import Engine, Tokenizer
 from app.errors import EngineError, InvalidRequestError
 from app.protocol import EngineStats, FinishReason, GenerateOutput, GenerateRequest, ModelInfo
-from app.scheduler.prefix_tree import PrefixTree
+from app.prefix_tree import PrefixTree
 
 _CACHE_KEY = "self"  # the PrefixTree is per engine here: one "replica"
 _EOS = 0

@@ -1,8 +1,10 @@
-"""What the HTTP handlers share: the tokenizer, the model's limits, and calls into the scheduler.
+"""What the HTTP handlers share: the tokenizer, the model's limits, and the calls below the Ingress.
 
 The ingress tokenizes (so the scheduler can route on token ids and prompts that cannot fit are
 refused before they queue) and fans a request out when it asks for several sequences (`n`, batched
-prompts); everything below it sees one sequence per request.
+prompts); everything below it sees one sequence per request. Each sequence gets a ticket from the
+scheduler (admission, replica choice) and streams its tokens straight from that replica
+(app/ingress/ticketed.py): the scheduler carries no tokens.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from ray.serve.handle import DeploymentHandle
 
 from app.config import AppSettings
 from app.engines.base import Tokenizer
-from app.errors import APIError, EngineError, InvalidRequestError, unwrap_error
+from app.errors import EngineError, InvalidRequestError
+from app.ingress.ticketed import TicketedStreams, as_api_error
 from app.metrics import observe_sequence
 from app.protocol import GenerateOutput, GenerateRequest
 
@@ -36,6 +39,7 @@ class Gateway:
         scheduler: DeploymentHandle,
         tokenizer: Tokenizer,
         limits: ModelLimits,
+        replicas: DeploymentHandle,
     ):
         self.settings = settings
         self.scheduler = scheduler
@@ -44,6 +48,7 @@ class Gateway:
         self.streaming = scheduler.options(stream=True)
         self.tokenizer = tokenizer
         self.limits = limits
+        self.streams = TicketedStreams(settings, scheduler, replicas, tokenizer)
 
     # -- request preparation -------------------------------------------------------------------
 
@@ -76,30 +81,30 @@ class Gateway:
             )
         return min(max_new_tokens, context - len(input_ids))
 
-    # -- calls into the scheduler --------------------------------------------------------------
+    # -- calls below the ingress -----------------------------------------------------------------
 
     async def stream(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
-        """One sequence's increments; errors from below come out as APIError."""
+        """One sequence's increments, from the replica its ticket names; errors come out as APIError."""
         try:
-            response = self.streaming.generate.remote(request)
+            response = self.streams.stream(request)
             async for out in observe_sequence(request, response):  # latencies/tokens (app.metrics)
                 yield out
         except Exception as exc:  # noqa: BLE001 - mapped to the client's error shape
-            raise _as_api_error(exc) from None
+            raise as_api_error(exc) from None
 
     async def call_scheduler(self, method: str, *args: Any) -> Any:
         """A unary scheduler call; errors from below come out as APIError."""
         try:
             return await getattr(self.scheduler, method).remote(*args)
         except Exception as exc:  # noqa: BLE001
-            raise _as_api_error(exc) from None
+            raise as_api_error(exc) from None
 
     async def stream_scheduler(self, method: str, *args: Any) -> AsyncIterator[Any]:
         try:
             async for item in getattr(self.streaming, method).remote(*args):
                 yield item
         except Exception as exc:  # noqa: BLE001
-            raise _as_api_error(exc) from None
+            raise as_api_error(exc) from None
 
     async def complete(self, request: GenerateRequest) -> GenerateOutput:
         merged: GenerateOutput | None = None
@@ -147,10 +152,3 @@ class Gateway:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def _as_api_error(exc: BaseException) -> APIError:
-    cause = unwrap_error(exc)
-    if isinstance(cause, APIError):
-        return cause
-    return EngineError(f"generation failed: {type(cause).__name__}: {cause}")

@@ -270,12 +270,13 @@ def load_model_limits(settings: AppSettings) -> tuple[ModelLimits, Any]:
 
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, scheduler: DeploymentHandle, settings: dict[str, Any],
+    def __init__(self, scheduler: DeploymentHandle, settings: dict[str, Any], replicas: DeploymentHandle,
                  job_runner: DeploymentHandle | None = None):  # bound so that Serve deploys it
         app_settings = AppSettings.from_args(settings)
         limits, tokenizer = load_model_limits(app_settings)
         configure_ingress_observability(limits.name, app_settings.observability)
-        _Current.gateway = Gateway(app_settings, scheduler, tokenizer, limits)
+        # `replicas`: tokens stream from the replica a ticket names, not through the scheduler.
+        _Current.gateway = Gateway(app_settings, scheduler, tokenizer, limits, replicas)
         _Current.auth = Authenticator(app_settings.security) if app_settings.security.enabled else None
         guard.configure(app_settings, tokenizer)
         logger.info("ingress ready for model %s", json.dumps(limits.name))

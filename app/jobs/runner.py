@@ -38,13 +38,13 @@ PURGE_EVERY_S = 60.0
 
 
 class JobRunner:
-    async def __init__(self, scheduler: DeploymentHandle, settings: dict[str, Any]):
+    async def __init__(self, scheduler: DeploymentHandle, settings: dict[str, Any], replicas: DeploymentHandle):
         from app.ingress.server import load_model_limits
 
         self.settings = AppSettings.from_args(settings)
         self.cfg = self.settings.jobs
         limits, tokenizer = load_model_limits(self.settings)
-        self.gateway = Gateway(self.settings, scheduler, tokenizer, limits)
+        self.gateway = Gateway(self.settings, scheduler, tokenizer, limits, replicas)
         self.app = routes_app(lambda request: self.gateway)
         self.store = make_store(self.cfg)
         self.ledger = Ledger(self.store, self.cfg)

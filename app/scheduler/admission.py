@@ -123,13 +123,21 @@ class AdmissionQueue:
     @asynccontextmanager
     async def admit(self, meta: RequestMeta) -> AsyncIterator[None]:
         """Hold one slot for the body of the `async with`; raises OverloadedError when refused."""
-        await self._acquire(meta)
+        await self.acquire(meta)
         granted_at = self._clock()
         try:
             yield
         finally:
-            self._record_hold(self._clock() - granted_at)
-            self._release()
+            self.release(self._clock() - granted_at)
+
+    async def acquire(self, meta: RequestMeta) -> None:
+        """Wait for one slot (or raise OverloadedError); the caller must `release` it once."""
+        await self._acquire(meta)
+
+    def release(self, hold_s: float) -> None:
+        """Give back a slot held for `hold_s` seconds (feeds the drain rate)."""
+        self._record_hold(hold_s)
+        self._release()
 
     def set_max_concurrent(self, n: int) -> None:
         if n <= 0:

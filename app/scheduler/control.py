@@ -24,7 +24,13 @@ Each window uses only its own samples: a decision reflects the latency the curre
 from __future__ import annotations
 
 import math
-from typing import Any
+import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from app.config import AppSettings
+    from app.protocol import GenerateOutput
+    from app.scheduler.admission import AdmissionQueue
 
 
 def _p95(values: list[float]) -> float:
@@ -107,3 +113,60 @@ class AdaptiveConcurrency:
 
     def stats(self) -> dict[str, Any]:
         return {"limit": self._limit, "pressure": self.last_pressure}
+
+
+class InFlightLimits:
+    """Adaptive batching: one feedback controller per replica (app.scheduler.control) sets how many
+    requests that replica should have in flight to hold the p95 TTFT/ITL SLOs; the admission queue's
+    concurrency is the sum over replicas seen recently. A replica is known once it has served a
+    request; one silent for `forget_after_s` (gone, or scaled down) no longer counts.
+
+    A new controller starts at the engine's batch capacity (`engine.max_running_requests`, within
+    the min/max limits): the engine is built to run that many at once, and the controller backs
+    off at once if the SLOs break. Starting low instead throttled every cold start: at 32 clients
+    and a start of 16, half of them queued here until 64 requests had completed."""
+
+    forget_after_s = 60.0
+
+    def __init__(self, admission: AdmissionQueue, settings: AppSettings):
+        self.admission = admission
+        self.cfg = settings.scheduler
+        self.max_limit = max(self.cfg.min_in_flight_per_replica, self.cfg.max_in_flight_per_replica)
+        self.initial_limit = min(max(self.cfg.min_in_flight_per_replica, settings.engine.max_running_requests),
+                                 self.max_limit)
+        self.controllers: dict[str, AdaptiveConcurrency] = {}
+        self.last_seen: dict[str, float] = {}
+
+    def observe(self, out: GenerateOutput, admitted_at: float, finished_at: float | None = None) -> None:
+        """One finished request: the final output (replica, first token time, tokens), when its
+        slot was granted and when it finished (now if not given; releases arrive batched)."""
+        self.observe_finished(out.served_by, out.first_token_time, out.completion_tokens, admitted_at, finished_at)
+
+    def observe_finished(self, replica: str | None, first_token_time: float | None, completion_tokens: int,
+                         admitted_at: float, finished_at: float | None = None) -> None:
+        """`observe` from plain values (the scheduler's release path: no output object to build)."""
+        if replica is None or first_token_time is None or completion_tokens == 0:
+            return
+        now = time.time() if finished_at is None else finished_at
+        ttft_ms = max(0.0, first_token_time - admitted_at) * 1000
+        decoded = completion_tokens - 1
+        itl_ms = (now - first_token_time) * 1000 / decoded if decoded > 0 else None
+        controller = self.controllers.get(replica)
+        if controller is None:
+            controller = self.controllers[replica] = AdaptiveConcurrency(
+                self.cfg.slo_ttft_ms,
+                self.cfg.slo_itl_ms,
+                min_limit=self.cfg.min_in_flight_per_replica,
+                max_limit=self.max_limit,
+                initial=self.initial_limit,
+            )
+        per_replica = self.admission.in_flight // max(1, len(self.controllers))  # an estimate
+        controller.observe(ttft_ms, itl_ms, in_flight=per_replica)
+        self.last_seen[replica] = now
+        for gone in [r for r, t in self.last_seen.items() if now - t > self.forget_after_s]:
+            del self.last_seen[gone], self.controllers[gone]
+        total = sum(c.limit for c in self.controllers.values())
+        self.admission.set_max_concurrent(max(1, min(self.cfg.max_concurrent, total)))
+
+    def stats(self) -> dict[str, Any]:
+        return {replica: c.limit for replica, c in self.controllers.items()}

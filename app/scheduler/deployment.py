@@ -1,10 +1,15 @@
-"""The scheduler deployment: admission, routing and failover between the ingress and the replicas.
+"""The scheduler deployment: the control plane. It decides; it carries no tokens.
 
-It proxies each token stream (ingress -> scheduler -> replica and back). The choice of replica is
-made by the routing policy that runs inside this process as the replica handle's Ray Serve request
-router (`app.scheduler.ray_router`), so replicas that join or die are seen through Serve's own
-membership updates. Admission (bounded queue, fairness, priorities, 503s) happens here, before any
-replica is touched.
+The Ingress asks for a ticket (`admit`): the request waits in the admission queue (bounded queue,
+fairness, priorities, 503 + Retry-After), then the routing policy picks its replica from the token
+ids (`app.scheduler.dispatch`). The Ingress streams the tokens straight from that replica, one Ray
+Serve handle hop, and reports how the stream ended (`release`, batched). A replica failure sends
+the Ingress back for another replica of the same ticket (`reroute`): the slot is kept, the retry
+counted, the failed replica set aside for a while. See app/scheduler/tickets.py for the protocol.
+
+Also here: /abort_request (sent to the replica that holds the stream), /flush_cache and
+/server_info (broadcast to every replica), readiness (a real 1-token generation), and /run
+programs (admitted like one request, run whole on the chosen replica).
 """
 
 from __future__ import annotations
@@ -16,131 +21,70 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
 
-from app.autoscaling import first_item_within
 from app.config import AppSettings
 from app.errors import APIError, EngineError, unwrap_error
-from app.metrics import SchedulerMetrics
-from app.protocol import FinishReason, GenerateOutput, GenerateRequest, SamplingParams
-from app.scheduler.admission import AdmissionQueue, RequestMeta
-from app.scheduler.control import AdaptiveConcurrency
-from app.scheduler.ray_router import live_replica_ids
+from app.protocol import GenerateRequest, SamplingParams
+from app.scheduler.control import InFlightLimits  # noqa: F401 - its home before the ticket protocol
+from app.scheduler.office import TicketOffice
+from app.scheduler.ray_router import TARGET_REPLICA_KWARG, live_replica_ids
+from app.scheduler.tickets import Outcome, Ticket
 
 logger = logging.getLogger("sglserve.scheduler")
-
-# Errors that mean "this replica is gone or unreachable", as opposed to "this request is bad".
-REPLICA_FAILURES = (RayActorError, ActorDiedError, ActorUnavailableError)
 
 
 class Scheduler:
     def __init__(self, replicas: DeploymentHandle, settings: dict[str, Any]):
         self.settings = AppSettings.from_args(settings)
-        cfg = self.settings.scheduler
+        self.office = TicketOffice(self.settings)
+        self.admission = self.office.admission  # (read by tests and metrics)
+        # Broadcasts, aborts, readiness and /run; made now so that its request router starts
+        # following the replicas (membership and load) before the first ticket is asked for.
         self.replicas = replicas
-        self.replica_streams = replicas.options(stream=True)  # made once (see Gateway.streaming)
-        self.admission = AdmissionQueue(
-            max_queue=cfg.max_queue,
-            max_concurrent=cfg.max_concurrent,
-            max_queue_wait_s=cfg.max_queue_wait_s,
-            tenant_weights={**self.settings.security.tenant_weights(), **cfg.tenant_weights} or None,
-        )
-        self.default_priority = self.settings.security.default_priorities()
-        self.concurrency = InFlightLimits(self.admission, self.settings) if cfg.adaptive_concurrency else None
-        self.retries_total = 0
-        self.metrics = SchedulerMetrics(self.settings.model.name, self.settings.observability, self.admission)
-        # rid -> the replica stream serving it, so /abort_request can cancel it from here.
-        self._active: dict[str, Any] = {}
-        self._aborted: set[str] = set()
+        self.replica_streams = replicas.options(stream=True)
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
-        meta = RequestMeta.from_request(request, self.default_priority)
-        async with self.metrics.admitted(meta):  # = self.admission.admit(meta), timed and counted
-            admitted_at = time.time()
-            async for out in self._stream_with_failover(request):
-                if out.finished and self.concurrency is not None:
-                    self.concurrency.observe(out, admitted_at)
-                yield out
+    # -- the ticket protocol (app/scheduler/tickets.py; decisions in app/scheduler/office.py) --
 
-    async def _stream_with_failover(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
-        """Retry on another replica while the client has seen nothing; after that, fail loudly.
+    async def admit(self, request: GenerateRequest) -> Ticket:
+        return await self.office.admit(request)
 
-        A client that streams sees increments as they come, so only a failure before the first one
-        is retried. A non-streaming client sees nothing until the end, so its increments are
-        gathered here and the whole request is retried from scratch on a replica failure.
-        """
-        max_retries = self.settings.scheduler.max_retries
-        attempt = 0
-        while True:
-            streamed = False
-            gathered: GenerateOutput | None = None
-            stream = self.replica_streams.generate.remote(request)
-            self._active[request.rid] = stream
-            # No replica known live (scaled to zero): wait for one at most max_queue_wait_s.
-            cold = None if live_replica_ids("ModelReplica") else self.settings.scheduler.max_queue_wait_s
-            try:
-                async for out in first_item_within(stream, cold, request.rid):
-                    if request.stream:
-                        streamed = True
-                        yield out
-                    else:
-                        gathered = out if gathered is None else gathered.merge(out)
-                if gathered is not None:
-                    yield gathered
-                return
-            except Exception as exc:  # noqa: BLE001 - classified below
-                if request.rid in self._aborted:
-                    yield GenerateOutput(
-                        rid=request.rid,
-                        finished=True,
-                        finish_reason=FinishReason(type="abort", message="aborted by /abort_request"),
-                    )
-                    return
-                cause = unwrap_error(exc)
-                if isinstance(cause, APIError):
-                    raise cause from None
-                if streamed or attempt >= max_retries or not isinstance(exc, REPLICA_FAILURES):
-                    logger.warning("request %s failed on its replica: %r", request.rid, exc)
-                    raise EngineError(
-                        f"the model replica failed while serving this request: {type(cause).__name__}",
-                        code="replica_failure",
-                    ) from None
-                attempt += 1
-                self.retries_total += 1
-                self.metrics.record_retry()
-                backoff_s = min(0.05 * 2**attempt, 1.0)
-                logger.info("replica failure for %s; retry %d in %.2fs", request.rid, attempt, backoff_s)
-                await asyncio.sleep(backoff_s)
-            finally:
-                self._active.pop(request.rid, None)
-                self._aborted.discard(request.rid)
+    async def reroute(self, ticket_id: str, request: GenerateRequest, failed_replica: str | None,
+                      started: bool) -> Ticket:
+        return await self.office.reroute(ticket_id, request, failed_replica, started)
+
+    def release(self, outcomes: list[Outcome], renew: list[str] | None = None) -> None:
+        self.office.release(outcomes, renew)
+
+    # -- /run programs (admitted like one request, run whole on the chosen replica) ----------
 
     async def run_program(self, route: GenerateRequest, body: dict[str, Any]) -> dict[str, Any]:
-        """A /run program: admitted like one request, then run whole on one replica."""
-        async with self.metrics.admitted(self._program_meta(route, body)):
-            try:
-                return await self.replicas.run_program.remote(route, body)
-            except Exception as exc:  # noqa: BLE001 - APIErrors pass through unwrapped
-                raise self._client_error(exc) from None
+        ticket = await self.admit(route)
+        outcome = Outcome(ticket.ticket_id, "error")
+        try:
+            result = await self.replicas.run_program.remote(route, body, **self._target(ticket))
+            outcome.status = "finished"
+            return result
+        except Exception as exc:  # noqa: BLE001 - APIErrors pass through unwrapped
+            raise self._client_error(exc) from None
+        finally:
+            self.release([outcome])
 
     async def run_program_stream(self, route: GenerateRequest, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        async with self.metrics.admitted(self._program_meta(route, body)):
-            try:
-                async for event in self.replica_streams.run_program_stream.remote(route, body):
-                    yield event
-            except Exception as exc:  # noqa: BLE001
-                raise self._client_error(exc) from None
+        ticket = await self.admit(route)
+        outcome = Outcome(ticket.ticket_id, "error")
+        try:
+            async for event in self.replica_streams.run_program_stream.remote(route, body, **self._target(ticket)):
+                yield event
+            outcome.status = "finished"
+        except Exception as exc:  # noqa: BLE001
+            raise self._client_error(exc) from None
+        finally:
+            self.release([outcome])
 
     @staticmethod
-    def _program_meta(route: GenerateRequest, body: dict[str, Any]) -> RequestMeta:
-        return RequestMeta(
-            rid=route.rid,
-            tenant=route.tenant,
-            priority=route.priority,
-            deadline=route.deadline,
-            cost_tokens=len(route.input_ids or ()) + route.sampling.max_new_tokens,
-        )
+    def _target(ticket: Ticket) -> dict[str, str]:
+        return {TARGET_REPLICA_KWARG: ticket.replica_id} if ticket.replica_id else {}
 
     @staticmethod
     def _client_error(exc: Exception) -> Exception:
@@ -149,25 +93,34 @@ class Scheduler:
             return cause
         return EngineError(f"the program failed on its replica: {type(cause).__name__}: {cause}")
 
-    def abort(self, rid: str, abort_all: bool = False) -> int:
-        """Cancel streams by rid (or all); the engine sees the cancellation and frees them."""
-        rids = list(self._active) if abort_all else [r for r in self._active if r == rid or r.startswith(f"{rid}-")]
-        for r in rids:
-            self._aborted.add(r)
-            self._active[r].cancel()
-        return len(rids)
+    # -- control calls -------------------------------------------------------------------------
+
+    async def abort(self, rid: str, abort_all: bool = False) -> int:
+        """Abort streams by rid (or all). The Ingress that serves a stream may be any Ingress
+        replica, so the abort goes where the stream is produced: the engine of the ticket's
+        replica ends it with finish_reason "abort", and that reaches the client through whichever
+        Ingress holds it. A rid this scheduler holds no ticket for (another scheduler replica's)
+        is sent to every replica. Returns how many streams were aborted."""
+        tickets = self.office.desk.matching(None if abort_all else rid)
+        if not tickets:
+            if abort_all:
+                return 0
+            return sum(1 for ok in await self._broadcast("abort", rid) if ok)
+        calls = [self.replicas.abort.remote(t.meta.rid, **self._target(t.ticket)) for t in tickets]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        return sum(1 for r in results if not isinstance(r, BaseException))
 
     async def flush_cache(self) -> int:
         """Flush every replica's prefix cache; returns how many replicas flushed."""
         results = await self._broadcast("flush_cache")
         return sum(1 for r in results if r)
 
-    async def _broadcast(self, method: str) -> list[Any]:
+    async def _broadcast(self, method: str, *args: Any) -> list[Any]:
         """Call `method` on every live replica (the request router honours `target_replica`)."""
         targets = live_replica_ids("ModelReplica")
         if not targets:
-            return [await getattr(self.replicas, method).remote()]
-        calls = [getattr(self.replicas, method).remote(target_replica=t) for t in sorted(targets)]
+            return [await getattr(self.replicas, method).remote(*args)]
+        calls = [getattr(self.replicas, method).remote(*args, target_replica=t) for t in sorted(targets)]
         return list(await asyncio.gather(*calls))
 
     async def server_info(self) -> dict[str, Any]:
@@ -190,74 +143,23 @@ class Scheduler:
             priority=1_000_000,
         )
 
-        async def run() -> GenerateOutput:
-            merged: GenerateOutput | None = None
-            async for out in self.generate(probe):
-                merged = out if merged is None else merged.merge(out)
-            assert merged is not None
-            return merged
+        async def run() -> int:
+            ticket = await self.admit(probe)
+            outcome = Outcome(ticket.ticket_id, "error")
+            try:
+                tokens = 0
+                async for out in self.replica_streams.generate.remote(probe, **self._target(ticket)):
+                    tokens = out.completion_tokens
+                outcome.status = "finished"
+                return tokens
+            finally:
+                self.release([outcome])
 
-        out = await asyncio.wait_for(run(), timeout_s)
-        return {"latency_ms": (time.monotonic() - started) * 1000, "tokens": out.completion_tokens}
-
-    def stats(self) -> dict[str, Any]:
-        return {
-            "admission": self.admission.stats(),
-            "retries_total": self.retries_total,
-            "replicas": sorted(live_replica_ids("ModelReplica")),
-            "in_flight_limits": self.concurrency.stats() if self.concurrency is not None else None,
-        }
-
-
-class InFlightLimits:
-    """Adaptive batching: one feedback controller per replica (app.scheduler.control) sets how many
-    requests that replica should have in flight to hold the p95 TTFT/ITL SLOs; the admission queue's
-    concurrency is the sum over replicas seen recently. A replica is known once it has served a
-    request; one silent for `forget_after_s` (gone, or scaled down) no longer counts.
-
-    A new controller starts at the engine's batch capacity (`engine.max_running_requests`, within
-    the min/max limits): the engine is built to run that many at once, and the controller backs
-    off at once if the SLOs break. Starting low instead throttled every cold start: at 32 clients
-    and a start of 16, half of them queued here until 64 requests had completed."""
-
-    forget_after_s = 60.0
-
-    def __init__(self, admission: AdmissionQueue, settings: AppSettings):
-        self.admission = admission
-        self.cfg = settings.scheduler
-        self.max_limit = max(self.cfg.min_in_flight_per_replica, self.cfg.max_in_flight_per_replica)
-        self.initial_limit = min(max(self.cfg.min_in_flight_per_replica, settings.engine.max_running_requests),
-                                 self.max_limit)
-        self.controllers: dict[str, AdaptiveConcurrency] = {}
-        self.last_seen: dict[str, float] = {}
-
-    def observe(self, out: GenerateOutput, admitted_at: float) -> None:
-        replica = out.served_by
-        if replica is None or out.first_token_time is None or out.completion_tokens == 0:
-            return
-        now = time.time()
-        ttft_ms = max(0.0, out.first_token_time - admitted_at) * 1000
-        decoded = out.completion_tokens - 1
-        itl_ms = (now - out.first_token_time) * 1000 / decoded if decoded > 0 else None
-        controller = self.controllers.get(replica)
-        if controller is None:
-            controller = self.controllers[replica] = AdaptiveConcurrency(
-                self.cfg.slo_ttft_ms,
-                self.cfg.slo_itl_ms,
-                min_limit=self.cfg.min_in_flight_per_replica,
-                max_limit=self.max_limit,
-                initial=self.initial_limit,
-            )
-        per_replica = self.admission.in_flight // max(1, len(self.controllers))  # an estimate
-        controller.observe(ttft_ms, itl_ms, in_flight=per_replica)
-        self.last_seen[replica] = now
-        for gone in [r for r, t in self.last_seen.items() if now - t > self.forget_after_s]:
-            del self.last_seen[gone], self.controllers[gone]
-        total = sum(c.limit for c in self.controllers.values())
-        self.admission.set_max_concurrent(max(1, min(self.cfg.max_concurrent, total)))
+        tokens = await asyncio.wait_for(run(), timeout_s)
+        return {"latency_ms": (time.monotonic() - started) * 1000, "tokens": tokens}
 
     def stats(self) -> dict[str, Any]:
-        return {replica: c.limit for replica, c in self.controllers.items()}
+        return {**self.office.stats(), "replicas": sorted(live_replica_ids("ModelReplica"))}
 
 
 SchedulerDeployment = serve.deployment(name="Scheduler", max_ongoing_requests=4096)(Scheduler)

@@ -1,7 +1,9 @@
 """Ray Serve adapter: a `RequestRouter` that routes model-replica calls by a `RoutingPolicy`.
 
-Configured on the MODEL REPLICA deployment, so every handle that calls it (the scheduler's) routes
-through the policy:
+Configured on the MODEL REPLICA deployment, so every handle that calls it routes through it. Two
+kinds of calls arrive: a call with `target_replica=<id>` (the Ingress streaming a ticket's request
+to the replica the scheduler chose, or the scheduler's per-replica broadcasts) goes to that replica
+only, with no policy work; any other call is ranked by the policy:
 
     @serve.deployment(request_router_config=RequestRouterConfig(
         request_router_class="app.scheduler.ray_router:PolicyRequestRouter",
@@ -16,10 +18,11 @@ The request is read from the call's first positional argument (or a `request=` k
 `app.protocol.GenerateRequest`: its `input_ids` (or, failing that, the UTF-8 bytes of `text`) and
 `session_id`. Calls without one (health checks, stats) are routed by load only.
 
-Load seen by the policy = the replica's last published `outstanding_tokens` + the tokens this
-router sent it since that snapshot (uncached prompt + max_new_tokens per request, removed when the
-request completes before the next snapshot). Published stats lag by the stats period; the local
-term keeps a burst from herding onto the replica that looked idle a second ago.
+Load seen by the policy: `app.scheduler.loads.ReplicaLoads` (published stats + what was sent since).
+
+The router in each process also publishes what it sees (live replica ids and their last routing
+stats) in a module registry, `routing_snapshot(name)`: the scheduler decides on tickets from it
+without routing a call itself.
 
 Ranking: the policy's top choices are offered one per rank (Ray picks the least-queued replica
 inside a rank, so single-replica ranks keep the policy's order), then the remaining replicas as
@@ -29,33 +32,48 @@ one last rank. A full replica (max_ongoing_requests) is skipped by Ray and the n
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from app.protocol import GenerateRequest
-from app.scheduler.routing import ReplicaState, RoutingPolicy, make_policy
+from app.scheduler.loads import ReplicaLoads, Routed
+from app.scheduler.routing import RoutingPolicy, make_policy
 
 logger = logging.getLogger(__name__)
 
 SINGLE_RANKS = 3  # the policy's top choices offered one by one, before the rest as one rank
 TARGET_REPLICA_KWARG = "target_replica"  # a call with this keyword goes to that replica only
 
-# deployment name -> ids of its live replicas, as the routers in this process last saw them.
-_LIVE_REPLICAS: dict[str, set[str]] = {}
+
+
+@dataclass(frozen=True)
+class RoutingSnapshot:
+    """What a router last saw of a deployment: replica id -> its published routing stats (the
+    objects themselves, so a reader can tell a fresh snapshot by identity)."""
+
+    stats: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    version: int = 0
+
+    @property
+    def live(self) -> set[str]:
+        return set(self.stats)
+
+
+# deployment name -> what the routers in this process last saw. Replaced whole on each update (one
+# assignment), so a reader on another thread (Serve may run routers on their own loop) sees either
+# the old or the new snapshot, never half of one.
+_SNAPSHOTS: dict[str, RoutingSnapshot] = {}
+
+
+def routing_snapshot(deployment_name: str) -> RoutingSnapshot:
+    return _SNAPSHOTS.get(deployment_name) or RoutingSnapshot()
 
 
 def live_replica_ids(deployment_name: str) -> set[str]:
-    """The replicas a router in this process knows to be live (empty before its first call)."""
-    return set(_LIVE_REPLICAS.get(deployment_name, ()))
-
-
-@dataclass
-class _Routed:
-    replica_id: str
-    cost_tokens: int
-    snapshot: object  # the routing_stats object current when the request was routed
+    """The replicas a router in this process knows to be live (empty before it first heard)."""
+    return routing_snapshot(deployment_name).live
 
 
 @dataclass
@@ -97,9 +115,8 @@ class PolicyRequestRouter(FIFOMixin, RequestRouter):
 
     def initialize_state(self, policy: str = "cache_aware", **policy_kwargs: Any) -> None:
         self._policy: RoutingPolicy = make_policy(policy, **policy_kwargs)
-        self._in_flight: dict[str, _Routed] = {}  # internal_request_id -> what was sent where
-        self._since_snapshot: dict[str, int] = {}  # replica -> tokens sent since its stats snapshot
-        self._snapshot_seen: dict[str, object] = {}  # replica -> the routing_stats object last seen
+        self._loads = ReplicaLoads(self._policy)
+        self._in_flight: dict[str, Routed] = {}  # internal_request_id -> what was sent where
         logger.info("PolicyRequestRouter routing by %s %s", policy, policy_kwargs)
 
     @property
@@ -121,14 +138,14 @@ class PolicyRequestRouter(FIFOMixin, RequestRouter):
             pending_request.routing_context.should_backoff = True
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         target = pending_request.kwargs.get(TARGET_REPLICA_KWARG) if pending_request is not None else None
-        if target in by_id:  # a call meant for one replica (e.g. a cache flush sent to each)
+        if target in by_id:  # a ticket's replica, or a call meant for each (e.g. a cache flush)
             return [[by_id[target]]]
-        candidate_replicas = _available(candidate_replicas)
+        candidate_replicas = _available(candidate_replicas)  # not restarting its engine or draining
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
-        states = [self._state_of(r) for r in candidate_replicas]
+        states = [self._loads.state(rid, r.routing_stats) for rid, r in by_id.items()]
         request = extract_request(pending_request)
         if request is None:
-            ranking = sorted(by_id, key=lambda rid: self._load_of(by_id[rid]))
+            ranking = sorted(by_id, key=lambda rid: self._loads.load(rid, by_id[rid].routing_stats))
         else:
             ranking = self._policy.choose(request.token_ids, states, request.session_id)
         ranks = [[by_id[rid]] for rid in ranking[:SINGLE_RANKS]]
@@ -136,27 +153,18 @@ class PolicyRequestRouter(FIFOMixin, RequestRouter):
         return ranks + ([rest] if rest else [])
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
+        if pending_request.kwargs.get(TARGET_REPLICA_KWARG) is not None:
+            return  # decided (and accounted) by the scheduler that issued the ticket
         request = extract_request(pending_request)
         if request is None:
             return
-        rid = replica_id.unique_id
-        # The work this request adds: its uncached prompt tokens (a prefix the replica already
-        # holds costs nothing) + the tokens it may decode.
-        cost = self._policy.uncached_tokens(rid, request.token_ids) + request.max_new_tokens
-        self._policy.on_routed(rid, request.token_ids, request.session_id)
-        self._in_flight[pending_request.metadata.internal_request_id] = _Routed(
-            rid, cost, self._snapshot_seen.get(rid)
-        )
-        self._since_snapshot[rid] = self._since_snapshot.get(rid, 0) + cost
+        routed = self._loads.routed(replica_id.unique_id, request.token_ids, request.session_id, request.max_new_tokens)
+        self._in_flight[pending_request.metadata.internal_request_id] = routed
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         routed = self._in_flight.pop(internal_request_id, None)
-        if routed is None:
-            return
-        # Still counted locally only if no newer snapshot (which would include it) arrived since.
-        if self._snapshot_seen.get(routed.replica_id) is routed.snapshot:
-            left = self._since_snapshot.get(routed.replica_id, 0) - routed.cost_tokens
-            self._since_snapshot[routed.replica_id] = max(0, left)
+        if routed is not None:
+            self._loads.completed(routed)
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
@@ -169,40 +177,17 @@ class PolicyRequestRouter(FIFOMixin, RequestRouter):
     # --- internals ---------------------------------------------------------------------------
 
     def _replicas_changed(self) -> None:
-        live = {replica_id.unique_id for replica_id in self.curr_replicas}
+        stats = {r.replica_id.unique_id: r.routing_stats for r in self.curr_replicas.values()}
         # Through the imported module: Ray may rebuild this class from a cloudpickle copy whose
         # globals are not the module's, and the scheduler reads the module's registry.
         import app.scheduler.ray_router as registry
 
-        registry._LIVE_REPLICAS[self._deployment_id.name] = live
-        if not hasattr(self, "_policy"):  # replicas may arrive before initialize_state
+        name = self._deployment_id.name
+        previous = registry._SNAPSHOTS.get(name)
+        registry._SNAPSHOTS[name] = RoutingSnapshot(stats, (previous.version + 1) if previous else 1)
+        if not hasattr(self, "_loads"):  # replicas may arrive before initialize_state
             return
-        self._policy.on_replicas_changed(live)
-        for table in (self._since_snapshot, self._snapshot_seen):
-            for rid in [rid for rid in table if rid not in live]:
-                del table[rid]
-
-    def _state_of(self, replica: RunningReplica) -> ReplicaState:
-        stats = replica.routing_stats or {}
-        return ReplicaState(
-            replica_id=replica.replica_id.unique_id,
-            outstanding_tokens=self._load_of(replica),
-            running=int(stats.get("running", 0)),
-            waiting=int(stats.get("waiting", 0)),
-        )
-
-    def _load_of(self, replica: RunningReplica) -> int:
-        rid = replica.replica_id.unique_id
-        stats = replica.routing_stats
-        if stats is not None and stats is not self._snapshot_seen.get(rid):
-            self._snapshot_seen[rid] = stats  # a fresh snapshot already counts what we sent
-            self._since_snapshot[rid] = 0
-        published = int((stats or {}).get("outstanding_tokens", 0))
-        return published + self._since_snapshot.get(rid, 0)
+        self._loads.replicas_changed(set(stats))
 
     def stats(self) -> dict[str, Any]:
-        return {
-            "policy": self._policy.stats(),
-            "in_flight": len(self._in_flight),
-            "tokens_sent_since_snapshot": dict(self._since_snapshot),
-        }
+        return {**self._loads.stats(), "in_flight": len(self._in_flight)}

@@ -173,8 +173,6 @@ def test_engine_kill_with_two_replicas_never_500s(chaos):
     assert victim in replica_ids()
 
 
-@pytest.mark.xfail(strict=True, reason="needs the gateway to retry retryable errors on another replica "
-                                       "(issue 16); remove this mark when it does")
 def test_engine_kill_with_two_replicas_loses_no_unstreamed_request(chaos):
     summary = SUMMARIES.get("engine_kill_2_replicas")
     assert summary is not None, "runs after test_engine_kill_with_two_replicas_never_500s"
@@ -216,8 +214,6 @@ def test_scheduler_and_ingress_actor_kills_lose_only_what_was_in_flight(chaos, d
     # (A dead Ingress's in-flight requests get Ray Serve's proxy's own plain-text 500.)
 
 
-@pytest.mark.xfail(strict=True, reason="the gateway maps a dead Scheduler (RayActorError) to 500; it should "
-                                       "be a retryable 503 (issue 16's gateway); remove this mark when it is")
 def test_scheduler_kill_is_never_a_500(chaos):
     summary = SUMMARIES.get("scheduler_actor_kill")
     assert summary is not None, "runs after test_scheduler_and_ingress_actor_kills_lose_only_what_was_in_flight"

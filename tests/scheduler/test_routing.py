@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from app.scheduler.prefix_tree import PrefixTree
+from app.prefix_tree import PrefixTree
 from app.scheduler.routing import CacheAwarePolicy, ReplicaState, make_policy
 
 SYSTEM_A = list(range(1000, 1400))  # two 400-token "system prompts" sharing nothing

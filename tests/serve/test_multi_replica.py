@@ -98,3 +98,59 @@ def test_killing_a_replica_under_load_loses_no_request(two_replicas):
     assert all(r.json()["usage"]["completion_tokens"] == 300 for r in responses)
     info = httpx.get(f"{two_replicas.base_url}/server_info", headers=AUTH, timeout=60).json()
     assert info["scheduler"]["retries_total"] >= 1
+
+
+def wait_for_two_replicas(stack, timeout_s: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            info = httpx.get(f"{stack.base_url}/server_info", headers=AUTH, timeout=30).json()
+            if len(info["internal_states"]) == 2 and len(replica_actor_names("multi")) == 2:
+                return
+        except (httpx.HTTPError, KeyError, ValueError):
+            pass
+        time.sleep(0.5)
+    raise AssertionError("the app did not get back to two replicas")
+
+
+def test_a_stream_whose_replica_dies_continues_on_the_other_one(two_replicas):
+    """Kill the replica serving a started stream: the client's stream goes on, with the same greedy
+    text as an uninterrupted run, no error, nothing repeated, and the usage of one request."""
+    import openai
+
+    wait_for_two_replicas(two_replicas)
+    client = openai.OpenAI(base_url=f"{two_replicas.base_url}/v1", api_key=KEY, max_retries=0, timeout=300)
+    params = dict(model=MODEL, prompt="Once upon a time in a migrating land", max_tokens=2500,
+                  temperature=0, extra_body={"ignore_eos": True})
+    reference = client.completions.create(**params)
+    assert reference.usage.completion_tokens == 2500
+
+    migrations_before = httpx.get(f"{two_replicas.base_url}/server_info", headers=AUTH, timeout=30).json()[
+        "scheduler"]["migrations_total"]
+    stream = client.completions.create(**params, stream=True, stream_options={"include_usage": True})
+    chunks = iter(stream)
+    first = next(chunks)  # the stream has started: the client holds its first text
+    texts = [first.choices[0].text]
+    info = httpx.get(f"{two_replicas.base_url}/server_info", headers=AUTH, timeout=30).json()
+    busy = [i for i, s in enumerate(info["internal_states"]) if s["num_running"] > 0]
+    assert len(busy) == 1, info["internal_states"]  # only our request runs; its replica is the one to kill
+    ray.kill(ray.get_actor(serving_replica_name(info, busy[0]), namespace="serve"), no_restart=True)
+
+    usage = None
+    for chunk in chunks:
+        if chunk.choices:
+            texts.append(chunk.choices[0].text)
+        if chunk.usage is not None:
+            usage = chunk.usage
+    assert "".join(texts) == reference.choices[0].text
+    assert usage is not None and usage.completion_tokens == 2500
+    assert usage.prompt_tokens == reference.usage.prompt_tokens
+    info = httpx.get(f"{two_replicas.base_url}/server_info", headers=AUTH, timeout=60).json()
+    assert info["scheduler"]["migrations_total"] == migrations_before + 1
+
+
+def serving_replica_name(info: dict, index: int) -> str:
+    """The actor name of the replica behind `internal_states[index]` (the scheduler lists the
+    replicas it broadcasts to in sorted id order, the order of internal_states)."""
+    replica_id = sorted(info["scheduler"]["replicas"])[index]
+    return next(n for n in replica_actor_names("multi") if n.endswith(f"#{replica_id}"))
