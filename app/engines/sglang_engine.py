@@ -104,9 +104,16 @@ def server_args_from_settings(model: ModelSettings, engine: EngineSettings) -> d
     return kwargs
 
 
+def server_arg_names(server_args_class: type) -> set[str]:
+    """ServerArgs' field names: a dataclass up to sglang 0.5.17, a msgspec Struct in later releases."""
+    if dataclasses.is_dataclass(server_args_class):
+        return {f.name for f in dataclasses.fields(server_args_class)}
+    return set(getattr(server_args_class, "__struct_fields__", ()))
+
+
 def check_server_arg_names(kwargs: dict[str, Any], server_args_class: type) -> None:
     """Reject names `ServerArgs` does not have (a typo in sglang_extra_args is an error)."""
-    known = {f.name for f in dataclasses.fields(server_args_class)}
+    known = server_arg_names(server_args_class)
     unknown = sorted(set(kwargs) - known)
     if unknown:
         raise ValueError(

@@ -72,6 +72,8 @@ class Call(Generic[T]):
     idempotent: bool = False
     decoder: Callable[[], Callable[[dict[str, Any]], Any]] | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    # The answer IS a job (POST /v1/jobs): a 202 is the result, not a request turned into a job.
+    returns_job: bool = False
 
 
 def retry_delay_for_status(policy: RetryPolicy, attempt: int, response: httpx.Response) -> float | None:
@@ -116,9 +118,9 @@ def connection_error(call: Call, exc: Exception) -> APIConnectionError:
     return kind(f"{call.method} {call.path}: {type(exc).__name__}: {exc}")
 
 
-def is_job_answer(response: httpx.Response) -> bool:
+def is_job_answer(call: Call, response: httpx.Response) -> bool:
     """A long request the server turned into a job (issue 17): 202 with a job object."""
-    if response.status_code != 202:
+    if call.returns_job or response.status_code != 202:
         return False
     try:
         return response.json().get("object") == "job"
@@ -267,7 +269,7 @@ def get_call(path: str) -> Call:
 def submit_call(path: str, body: dict[str, Any], callback_url: str | None, max_wait_s: float | None) -> Call:
     payload = _drop_none({"path": path, "body": body, "callback_url": callback_url})
     headers = {} if max_wait_s is None else {"x-max-wait-s": str(max_wait_s)}
-    return Call("POST", "/v1/jobs", Job.model_validate, payload, headers=headers)
+    return Call("POST", "/v1/jobs", Job.model_validate, payload, headers=headers, returns_job=True)
 
 
 def job_call(job_id: str) -> Call:

@@ -173,7 +173,7 @@ class AsyncClient:
         response = await self._send(call)
         if call.stream:
             return AsyncStream(response, call)
-        if _core.is_job_answer(response):
+        if _core.is_job_answer(call, response):
             job = await self.wait(response.json()["id"], self.job_wait_timeout_s)
             if job.status != "succeeded":
                 raise JobFailedError(f"job {job.id} ended {job.status}: {job.error}", job)

@@ -178,7 +178,7 @@ class Client:
         response = self._send(call)
         if call.stream:
             return Stream(response, call)
-        if _core.is_job_answer(response):
+        if _core.is_job_answer(call, response):
             return self._job_result(call, response.json()["id"])
         return call.parse(response.json())
 
