@@ -101,6 +101,11 @@ class JobConversion:
                 await response(scope, replay(b""), send)
                 return
         await task
+        # The route ran on a copy of the scope: hand its match back, so the request's metrics and
+        # log (app.logs, which read scope["route"]) name the endpoint for every status, 404 too.
+        for key in ("route", "endpoint", "path_params"):
+            if key in inner:
+                scope[key] = inner[key]
         await send({"type": "http.response.start", "status": captured.status_code, "headers": captured.headers})
         await send({"type": "http.response.body", "body": b"".join(captured.chunks), "more_body": False})
 
