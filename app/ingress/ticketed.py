@@ -121,6 +121,8 @@ class TicketedStreams:
                 cause = unwrap_error(exc)
                 if (migrations if started else retries) > limit:
                     logger.warning("request %s failed on its replica after %d %s: %r", request.rid, limit, what, exc)
+                    if isinstance(cause, APIError):  # the replica's own 503 (e.g. engine_unavailable)
+                        raise cause from None
                     raise EngineUnavailableError(  # 503 + Retry-After: the fault is not the request's
                         f"the model replica failed while serving this request: {type(cause).__name__}",
                         code="replica_failure",
