@@ -211,7 +211,14 @@ def test_sigterm_to_a_model_replica_drains_it_and_loses_nothing(chaos, tmp_path)
 
     release = tmp_path / "release-sigterm"
     held = {"program": f'held: {{hold.until_released("{release}")}}', "stream": True}
-    before = {rid: server_args_of(chaos, rid) for rid in replica_ids()}
+    # Two replicas that serve, known to the Scheduler (the previous test's replacement may still be
+    # starting): the one that is not drained must be able to take the new requests.
+    deadline = time.monotonic() + DEADLINE_S
+    while (live := sorted(chaos.handle("Scheduler").stats.remote().result(timeout_s=60)["replicas"])) != replica_ids() \
+            or len(live) != 2 or not all(server_args_of(chaos, rid)["available"] for rid in live):
+        assert time.monotonic() < deadline, f"two serving replicas never appeared: {live}"
+        time.sleep(0.2)
+    before = {rid: server_args_of(chaos, rid) for rid in live}
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         streams = [pool.submit(read_sse, f"{chaos.base_url}/run", held) for _ in range(2)]
         try:
