@@ -23,7 +23,7 @@ from app.ingress.openai_protocol import (
     ResponseFormat,
     Tool,
 )
-from app.ingress.sse import sse_event, sse_stream
+from app.ingress.sse import opened, sse_event, sse_stream
 from app.protocol import JSON_OBJECT_GRAMMAR, GenerateOutput, GenerateRequest, LogprobEntry, SamplingParams
 
 
@@ -303,6 +303,9 @@ async def _chat(gateway: Gateway, body: ChatCompletionRequest, request: Request)
         )
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    # The first increment (or the error before it) is awaited here, so such an error still gets
+    # its status (app/ingress/sse.py).
+    source = await opened(guard.filter_stream(request, gateway.stream_many(requests), len(requests)))
 
     async def events() -> AsyncIterator[str]:
         chunk = {**base, "object": "chat.completion.chunk"}
@@ -313,7 +316,7 @@ async def _chat(gateway: Gateway, body: ChatCompletionRequest, request: Request)
                                        "logprobs": None, "finish_reason": None}]}
             )
         call_ids = {i: f"call_{uuid.uuid4().hex[:24]}" for i in range(body.n)}
-        async for index, out in guard.filter_stream(request, gateway.stream_many(requests), len(requests)):
+        async for index, out in source:
             finals[index] = out if index not in finals else finals[index].merge(out)
             if out.text or out.output_token_logprobs:
                 if forced_tool is not None:
@@ -440,12 +443,15 @@ async def _completions(gateway: Gateway, body: CompletionRequest, request: Reque
         return JSONResponse({**base, "object": "text_completion", "choices": choices, "usage": usage})
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    # The first increment (or the error before it) is awaited here, so such an error still gets
+    # its status (app/ingress/sse.py).
+    source = await opened(guard.filter_stream(request, gateway.stream_many(requests), len(requests)))
 
     async def events() -> AsyncIterator[str]:
         chunk = {**base, "object": "text_completion"}
         finals: dict[int, GenerateOutput] = {}
         offsets: dict[int, int] = {}
-        async for index, out in guard.filter_stream(request, gateway.stream_many(requests), len(requests)):
+        async for index, out in source:
             finals[index] = out if index not in finals else finals[index].merge(out)
             reason = None
             if out.finished:
