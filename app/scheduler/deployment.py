@@ -49,12 +49,18 @@ class Scheduler:
     async def admit(self, request: GenerateRequest) -> Ticket:
         return await self.office.admit(request)
 
+    async def admit_many(self, batch: list[tuple[str, GenerateRequest]]) -> AsyncIterator[list[tuple[str, Any]]]:
+        """Batched admits (app/ingress/admits.py): each answered on its own, immediate ones first."""
+        async for answers in self.office.admit_many(batch):
+            yield answers
+
     async def reroute(self, ticket_id: str, request: GenerateRequest, failed_replica: str | None,
                       started: bool) -> Ticket:
         return await self.office.reroute(ticket_id, request, failed_replica, started)
 
-    def release(self, outcomes: list[Outcome], renew: list[str] | None = None) -> None:
-        self.office.release(outcomes, renew)
+    def release(self, outcomes: list[Outcome], renew: list[str] | None = None,
+                cancel: list[str] | None = None) -> None:
+        self.office.release(outcomes, renew, cancel)
 
     # -- /run programs (admitted like one request, run whole on the chosen replica) ----------
 

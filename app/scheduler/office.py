@@ -2,7 +2,8 @@
 
 `TicketOffice` is what the Scheduler deployment serves (app/scheduler/deployment.py) and what
 bench/scheduler_capacity.py measures: `admit` waits in the AdmissionQueue and places the request
-with the Dispatcher (routing policy over the replicas' snapshot), `reroute` places a ticket again
+with the Dispatcher (routing policy over the replicas' snapshot), `admit_many` does the same for a
+batch of requests (each answered on its own, as its slot is granted or refused), `reroute` places a ticket again
 after a replica failure, `release` frees slots and feeds the adaptive in-flight limits, and a
 sweeper takes back the slots of tickets whose lease ran out. Single event loop, no locks.
 """
@@ -11,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 from app.config import AppSettings
+from app.errors import APIError, EngineError
 from app.metrics import SchedulerMetrics
 from app.protocol import GenerateRequest
 from app.scheduler.admission import AdmissionQueue, RequestMeta
@@ -26,6 +29,10 @@ from app.scheduler.routing import make_policy
 from app.scheduler.tickets import LiveTicket, Outcome, Ticket, TicketDesk
 
 logger = logging.getLogger("sglserve.scheduler")
+
+EARLY_CANCEL_KEEP_S = 60.0  # a cancel that overtook its admit waits this long for it
+
+AdmitAnswer = tuple[str, "Ticket | APIError | None"]  # (key, its ticket, its refusal, or None: cancelled)
 
 
 def policy_kwargs(settings: AppSettings) -> dict[str, Any]:
@@ -60,7 +67,9 @@ class TicketOffice:
         self.desk = TicketDesk(cfg.ticket_lease_s, prefix=f"{uuid.uuid4().hex[:6]}-")
         self.retries_total = 0
         self.migrations_total = 0
-        self.calls = {"admit": 0, "reroute": 0, "release": 0}
+        self.calls = {"admit": 0, "admit_many": 0, "reroute": 0, "release": 0}
+        self._admitting: dict[str, asyncio.Task] = {}  # key -> its admit, of admit_many batches
+        self._cancelled_early: dict[str, float] = {}  # key -> when its cancel came (before the admit)
         self.metrics = SchedulerMetrics(settings.model.name, settings.observability, self.admission)
         self._sweeper: asyncio.Task | None = None
 
@@ -76,6 +85,57 @@ class TicketOffice:
             self.admission.release(0.0)
             raise
         return self.desk.issue(meta, replica, routed)
+
+    async def admit_many(self, batch: list[tuple[str, GenerateRequest]]) -> AsyncIterator[list[AdmitAnswer]]:
+        """Admit a batch of requests (an Ingress's admits coalesced into one call), each exactly as
+        `admit` would, in the batch's order: the same queue, priorities, fairness and refusals.
+        Yields lists of (key, answer): first, at once, every answer decided without waiting
+        (granted or refused; possibly none), which tells the Ingress its batch arrived; then each
+        queued request's answer as its slot is granted or refused. One request's refusal is its
+        own answer (an OverloadedError, sent as a value), never the batch's. A key cancelled
+        (`cancel_admits`, the client went away) leaves the queue and is answered None."""
+        self.calls["admit_many"] += 1
+        loop = asyncio.get_running_loop()
+        tasks: dict[str, asyncio.Task] = {}
+        for key, request in batch:
+            task = loop.create_task(self.admit(request))
+            tasks[key] = task
+            if self._cancelled_early.pop(key, None) is not None:
+                task.cancel()
+            else:
+                self._admitting[key] = task
+        try:
+            await asyncio.sleep(0)  # each admit has run to its first wait: granted, refused, or queued
+            waiting = dict(tasks)
+            answers: list[AdmitAnswer] = []
+            while True:
+                for key in [k for k, t in waiting.items() if t.done()]:
+                    answers.append((key, _answer(waiting.pop(key))))
+                    self._admitting.pop(key, None)
+                yield answers
+                if not waiting:
+                    return
+                answers = []
+                await asyncio.wait(waiting.values(), return_when=asyncio.FIRST_COMPLETED)
+        finally:  # the Ingress went away (or the batch is done): nobody takes these tickets
+            for key, task in tasks.items():
+                self._admitting.pop(key, None)
+                if not task.done():
+                    task.cancel()
+
+    def cancel_admits(self, keys: Iterable[str]) -> None:
+        """Admits of `admit_many` whose clients went away: they leave the queue (a slot granted in
+        the meantime is given back by the Ingress when the ticket reaches it)."""
+        now = time.monotonic()
+        for key in keys:
+            task = self._admitting.pop(key, None)
+            if task is not None:
+                task.cancel()
+            else:  # the cancel overtook its batch (or the answer is on its way): remember it briefly
+                self._cancelled_early[key] = now
+        if self._cancelled_early:
+            for key in [k for k, at in self._cancelled_early.items() if now - at > EARLY_CANCEL_KEEP_S]:
+                del self._cancelled_early[key]
 
     async def reroute(
         self, ticket_id: str, request: GenerateRequest, failed_replica: str | None, started: bool
@@ -97,9 +157,12 @@ class TicketOffice:
         logger.info("request %s: replica %s failed; placed on %s", request.rid, failed_replica, replica)
         return self.desk.replace(live, replica, routed)
 
-    def release(self, outcomes: list[Outcome], renew: list[str] | None = None) -> None:
-        """Streams that ended (their slots come free) and streams still running (leases renewed)."""
+    def release(self, outcomes: list[Outcome], renew: list[str] | None = None, cancel: list[str] | None = None) -> None:
+        """Streams that ended (their slots come free), streams still running (leases renewed), and
+        batched admits whose clients went away while they waited (`cancel_admits`)."""
         self.calls["release"] += 1
+        if cancel:
+            self.cancel_admits(cancel)
         for outcome in outcomes:
             live = self.desk.pop(outcome.ticket_id)
             if live is not None:
@@ -136,4 +199,18 @@ class TicketOffice:
             "tickets": self.desk.stats(),
             "routing": self.dispatcher.stats(),
             "calls": dict(self.calls),
+            "admitting": len(self._admitting),
         }
+
+
+def _answer(task: asyncio.Task) -> "Ticket | APIError | None":
+    """A finished admit as a value the Ingress can take: its ticket, its refusal, or None (cancelled)."""
+    if task.cancelled():
+        return None
+    exc = task.exception()
+    if exc is None:
+        return task.result()
+    if isinstance(exc, APIError):
+        return exc
+    logger.exception("admission failed", exc_info=exc)
+    return EngineError(f"admission failed: {type(exc).__name__}: {exc}")
