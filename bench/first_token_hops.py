@@ -3,7 +3,7 @@
 Against a deployed sglserve app (simulated engine), one request at a time, each step timed as
 the Ingress makes it (app/ingress/ticketed.py), in turns so that every way sees the same load:
 - admit, one unary `Scheduler.admit` call (batch_admits false);
-- admit, batched (`AdmitBatcher` -> one `Scheduler.admit_many` streaming call, alone at c=1);
+- admit, batched (`AdmitBatcher` -> one unary `Scheduler.admit_many` call, alone at c=1);
 - the stream: `ModelReplica.generate` on the ticket's replica, to its first item;
 - transport baselines: a unary call to the replica (`stats`), and the simulated engine's own
   time to first item for the same request, in this process (no Ray).
@@ -37,7 +37,7 @@ async def measure_hops(app_name: str, requests: int, prompt_len: int = 64) -> di
     streams = replicas.options(stream=True)
     admit_streams = scheduler.options(stream=True)
     releases = ReleaseBatcher(scheduler, lease_s=30.0)
-    admits = AdmitBatcher(lambda batch: admit_streams.admit_many.remote(batch), cancel=releases.cancel_admit,
+    admits = AdmitBatcher(lambda batch: scheduler.admit_many.remote(batch), lambda keys: admit_streams.follow_admits.remote(keys), cancel=releases.cancel_admit,
                           orphan=lambda t: releases.release(Outcome(t.ticket_id, "client_disconnect")))
     engine = SimulatedEngine(SimulatedCosts(), name="local")
     await engine.start()
@@ -82,7 +82,7 @@ async def measure_hops(app_name: str, requests: int, prompt_len: int = 64) -> di
 def table(times: dict[str, list[float]]) -> list[str]:
     rows = [
         ("admit, one unary call", "admit_unary"),
-        ("admit, batched (admit_many stream, alone)", "admit_batched"),
+        ("admit, batched (admit_many, alone)", "admit_batched"),
         ("stream: generate to its first item", "stream_first"),
         ("engine alone (in process): first item", "engine_first"),
         ("transport: a unary call to the replica", "replica_unary"),

@@ -13,8 +13,8 @@ Part 2, through Ray Serve (throughput mode): one Scheduler replica of a deployed
 (simulated engine, 2 replicas), admissions asked through its DeploymentHandle by 64 concurrent
 callers for a few seconds, releases batched as the Ingress batches them; both ways of asking, in
 turns in the same app and minute: one unary `admit` call per request (before), and the Ingress's
-batched admits (app/ingress/admits.py: one `admit_many` streaming call carries the admits that
-arrived while the previous one was being sent). Measured: decisions/s, and the Scheduler
+batched admits (app/ingress/admits.py: one unary `admit_many` call carries the admits that
+arrived while the previous one was in flight). Measured: decisions/s, and the Scheduler
 process's CPU seconds per decision (psutil), hence the decisions/s one scheduler replica sustains
 when it has a core.
 
@@ -118,7 +118,7 @@ async def drive_handle(handle, prompts: list[list[int]], concurrency: int, durat
 
     releases = ReleaseBatcher(handle, lease_s=30.0)  # batched, as the Ingress sends them
     streams = handle.options(stream=True)
-    admits = AdmitBatcher(lambda batch: streams.admit_many.remote(batch), cancel=releases.cancel_admit,
+    admits = AdmitBatcher(lambda batch: handle.admit_many.remote(batch), lambda keys: streams.follow_admits.remote(keys), cancel=releases.cancel_admit,
                           orphan=lambda t: releases.release(Outcome(t.ticket_id, "client_disconnect")))
     count = 0
     stop_at = time.monotonic() + duration_s

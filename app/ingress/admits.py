@@ -1,14 +1,16 @@
-"""Admits to the scheduler, coalesced: the requests that arrive while one call is being sent go together.
+"""Admits to the scheduler, coalesced: the requests that arrive while one call is in flight go together.
 
-One batch call at a time *until the scheduler has it*: a request that arrives while nothing is
-being sent leaves at once (no added wait at low load), and the requests that arrive meanwhile go
-together in the next call, so under load the admit calls per second stay bounded by one per round
-trip whatever the request rate, and the scheduler's cost per admission falls to about the
-decision's own. The scheduler answers each request on its own (app/scheduler/office.py,
-`admit_many`): first, at once, everything decided without waiting (which also says the batch
-arrived, so the next may leave), then each queued request as its slot is granted or refused. A
-request that waits in the scheduler's queue therefore never holds back the next batch: a later
-request of higher priority reaches the queue as it would have with one call per request.
+One `Scheduler.admit_many` call in flight at a time: a request that arrives while none is leaves
+at once, alone (a unary call, as cheap as the one-request `admit`: no added wait at low load),
+and the requests that arrive meanwhile go together in the next call, so under load the admit
+calls per second stay bounded by one per round trip whatever the request rate, and the
+scheduler's cost per admission falls towards the decision's own. The scheduler answers each
+request on its own (app/scheduler/office.py): `admit_many` returns at once with every answer
+decided without waiting (a ticket, or that request's own 503) and QUEUED for the others, so the
+call never waits on the queue and a request queued in the scheduler never holds back the next
+batch (a later request of higher priority reaches the queue as it would with one call per
+request). The queued ones' answers then come through one `follow_admits` stream per such batch,
+each as its slot is granted or refused: a hop only requests that wait anyway pay.
 
 A client that goes away while its admit waits: if the batch has not left, it is dropped from it;
 if it has, the scheduler is told to take it out of the queue (with the next release batch), and a
@@ -21,7 +23,7 @@ import asyncio
 import itertools
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from app.errors import EngineUnavailableError
@@ -30,21 +32,26 @@ from app.scheduler.tickets import Ticket
 
 logger = logging.getLogger("sglserve.ingress")
 
-SendBatch = Callable[[list[tuple[str, GenerateRequest]]], AsyncIterator[list[tuple[str, Any]]]]
+QUEUED = "queued"  # app.scheduler.office.QUEUED (not imported: the Ingress needs nothing else of it)
+Answers = list[tuple[str, Any]]
+SendBatch = Callable[[list[tuple[str, GenerateRequest]]], Awaitable[Answers]]
+Follow = Callable[[list[str]], AsyncIterator[Answers]]
 
 
 class AdmitBatcher:
     def __init__(
         self,
         send: SendBatch,
+        follow: Follow,
         *,
         cancel: Callable[[str], None],
         orphan: Callable[[Ticket], None],
     ) -> None:
-        """`send(batch)` streams the scheduler's answers (Scheduler.admit_many); `cancel(key)` tells
-        the scheduler an admit is no longer wanted; `orphan(ticket)` gives back a ticket granted
-        to a client that went away."""
+        """`send(batch)` is Scheduler.admit_many, `follow(keys)` Scheduler.follow_admits (a stream);
+        `cancel(key)` tells the scheduler an admit is no longer wanted; `orphan(ticket)` gives back
+        a ticket granted to a client that went away."""
         self._send = send
+        self._follow = follow
         self._cancel = cancel
         self._orphan = orphan
         self._prefix = f"{uuid.uuid4().hex[:8]}-"
@@ -83,31 +90,38 @@ class AdmitBatcher:
         self.calls_total += 1
         self.admits_total += len(batch)
         self.max_batch = max(self.max_batch, len(batch))
-        task = asyncio.get_running_loop().create_task(self._call(batch))
+        task = asyncio.get_running_loop().create_task(self._call(batch))  # also follows its queued ones
         self._calls.add(task)
         task.add_done_callback(self._calls.discard)
 
-    def _arrived(self) -> None:
-        """The scheduler has the batch in hand: the next one may leave."""
-        if self._sending:
+    async def _call(self, batch: list[tuple[str, GenerateRequest]]) -> None:
+        try:
+            answers = await self._send(batch)
+        except Exception as exc:  # noqa: BLE001 - the call failed as a whole: each admit raises it
+            answers = [(key, exc) for key, _ in batch]
+        finally:
             self._sending = False
             self._start_next()
+        queued = [key for key, answer in answers if answer == QUEUED]
+        for key, answer in answers:
+            if answer != QUEUED:
+                self._deliver(key, answer)
+        if queued:
+            await self._follow_queued(queued)
 
-    async def _call(self, batch: list[tuple[str, GenerateRequest]]) -> None:
-        unanswered = {key for key, _ in batch}
+    async def _follow_queued(self, keys: list[str]) -> None:
+        unanswered = set(keys)
         try:
-            async for answers in self._send(batch):
-                self._arrived()
+            async for answers in self._follow(keys):
                 for key, answer in answers:
                     unanswered.discard(key)
                     self._deliver(key, answer)
-        except Exception as exc:  # noqa: BLE001 - the call failed as a whole: each admit raises it
+        except Exception as exc:  # noqa: BLE001 - the stream broke (the scheduler died): each raises it
             for key in unanswered:
                 self._deliver(key, exc)
             unanswered.clear()
         finally:
-            self._arrived()
-            for key in unanswered:  # the stream ended without them: cannot happen unless cancelled
+            for key in unanswered:  # the stream ended without them (cannot happen unless cancelled)
                 self._deliver(key, None)
 
     def _deliver(self, key: str, answer: Ticket | BaseException | None) -> None:
@@ -118,7 +132,7 @@ class AdmitBatcher:
             return
         if isinstance(answer, Ticket):
             future.set_result(answer)
-        elif isinstance(answer, BaseException):
+        elif isinstance(answer, BaseException):  # its own refusal, or the failed call's error
             future.set_exception(answer)
         else:
             future.set_exception(EngineUnavailableError("the scheduler did not answer this admission", code="admit_dropped"))

@@ -64,9 +64,10 @@ class TicketedStreams:
         self.releases = ReleaseBatcher(scheduler, settings.scheduler.ticket_lease_s)
         self.admits: AdmitBatcher | None = None
         if settings.scheduler.batch_admits:
-            admit_streams = scheduler.options(stream=True)
+            follow_streams = scheduler.options(stream=True)
             self.admits = AdmitBatcher(
-                lambda batch: admit_streams.admit_many.remote(batch),
+                lambda batch: scheduler.admit_many.remote(batch),
+                lambda keys: follow_streams.follow_admits.remote(keys),
                 cancel=self.releases.cancel_admit,
                 orphan=lambda ticket: self.releases.release(Outcome(ticket.ticket_id, "client_disconnect")),
             )

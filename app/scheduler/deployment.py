@@ -49,9 +49,13 @@ class Scheduler:
     async def admit(self, request: GenerateRequest) -> Ticket:
         return await self.office.admit(request)
 
-    async def admit_many(self, batch: list[tuple[str, GenerateRequest]]) -> AsyncIterator[list[tuple[str, Any]]]:
-        """Batched admits (app/ingress/admits.py): each answered on its own, immediate ones first."""
-        async for answers in self.office.admit_many(batch):
+    async def admit_many(self, batch: list[tuple[str, GenerateRequest]]) -> list[tuple[str, Any]]:
+        """Batched admits (app/ingress/admits.py): each answered on its own; queued ones are
+        answered through `follow_admits`."""
+        return await self.office.admit_many(batch)
+
+    async def follow_admits(self, keys: list[str]) -> AsyncIterator[list[tuple[str, Any]]]:
+        async for answers in self.office.follow_admits(keys):
             yield answers
 
     async def reroute(self, ticket_id: str, request: GenerateRequest, failed_replica: str | None,

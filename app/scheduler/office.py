@@ -32,7 +32,8 @@ logger = logging.getLogger("sglserve.scheduler")
 
 EARLY_CANCEL_KEEP_S = 60.0  # a cancel that overtook its admit waits this long for it
 
-AdmitAnswer = tuple[str, "Ticket | APIError | None"]  # (key, its ticket, its refusal, or None: cancelled)
+QUEUED = "queued"  # admit_many's answer for a request that waits: follow_admits gives the rest
+AdmitAnswer = tuple[str, "Ticket | APIError | str | None"]  # (key, its ticket, its refusal, QUEUED, or None: cancelled)
 
 
 def policy_kwargs(settings: AppSettings) -> dict[str, Any]:
@@ -68,7 +69,7 @@ class TicketOffice:
         self.retries_total = 0
         self.migrations_total = 0
         self.calls = {"admit": 0, "admit_many": 0, "reroute": 0, "release": 0}
-        self._admitting: dict[str, asyncio.Task] = {}  # key -> its admit, of admit_many batches
+        self._admitting: dict[str, tuple[asyncio.Task, float]] = {}  # queued admit_many admits: key -> (task, since)
         self._cancelled_early: dict[str, float] = {}  # key -> when its cancel came (before the admit)
         self.metrics = SchedulerMetrics(settings.model.name, settings.observability, self.admission)
         self._sweeper: asyncio.Task | None = None
@@ -86,51 +87,60 @@ class TicketOffice:
             raise
         return self.desk.issue(meta, replica, routed)
 
-    async def admit_many(self, batch: list[tuple[str, GenerateRequest]]) -> AsyncIterator[list[AdmitAnswer]]:
+    async def admit_many(self, batch: list[tuple[str, GenerateRequest]]) -> list[AdmitAnswer]:
         """Admit a batch of requests (an Ingress's admits coalesced into one call), each exactly as
         `admit` would, in the batch's order: the same queue, priorities, fairness and refusals.
-        Yields lists of (key, answer): first, at once, every answer decided without waiting
-        (granted or refused; possibly none), which tells the Ingress its batch arrived; then each
-        queued request's answer as its slot is granted or refused. One request's refusal is its
-        own answer (an OverloadedError, sent as a value), never the batch's. A key cancelled
-        (`cancel_admits`, the client went away) leaves the queue and is answered None."""
+        Returns at once, with each request's answer decided without waiting (its ticket, or its
+        own refusal, an OverloadedError sent as a value: never the batch's), and QUEUED for those
+        that wait in the queue; their answers come through `follow_admits`."""
         self.calls["admit_many"] += 1
         loop = asyncio.get_running_loop()
-        tasks: dict[str, asyncio.Task] = {}
+        tasks: list[tuple[str, asyncio.Task]] = []
         for key, request in batch:
             task = loop.create_task(self.admit(request))
-            tasks[key] = task
+            tasks.append((key, task))
             if self._cancelled_early.pop(key, None) is not None:
                 task.cancel()
+        await asyncio.sleep(0)  # each admit has run to its first wait: granted, refused, or queued
+        answers: list[AdmitAnswer] = []
+        now = time.monotonic()
+        for key, task in tasks:
+            if task.done():
+                answers.append((key, _answer(task)))
             else:
-                self._admitting[key] = task
+                self._admitting[key] = (task, now)
+                answers.append((key, QUEUED))
+        return answers
+
+    async def follow_admits(self, keys: list[str]) -> AsyncIterator[list[AdmitAnswer]]:
+        """The answers of queued admits (`admit_many` said QUEUED), each as its slot is granted or
+        refused; None for one cancelled or unknown (its Ingress gave up on it, or it was swept).
+        The stream closing early (the Ingress went away) takes its admits out of the queue."""
+        waiting = {key: entry[0] for key in keys if (entry := self._admitting.get(key)) is not None}
+        unknown = [(key, None) for key in keys if key not in waiting]
         try:
-            await asyncio.sleep(0)  # each admit has run to its first wait: granted, refused, or queued
-            waiting = dict(tasks)
-            answers: list[AdmitAnswer] = []
-            while True:
-                for key in [k for k, t in waiting.items() if t.done()]:
-                    answers.append((key, _answer(waiting.pop(key))))
-                    self._admitting.pop(key, None)
-                yield answers
-                if not waiting:
-                    return
-                answers = []
+            if unknown:
+                yield unknown
+            while waiting:
                 await asyncio.wait(waiting.values(), return_when=asyncio.FIRST_COMPLETED)
-        finally:  # the Ingress went away (or the batch is done): nobody takes these tickets
-            for key, task in tasks.items():
+                done = [(key, task) for key, task in waiting.items() if task.done()]
+                for key, _ in done:
+                    del waiting[key]
+                    self._admitting.pop(key, None)
+                yield [(key, _answer(task)) for key, task in done]
+        finally:
+            for key, task in waiting.items():
                 self._admitting.pop(key, None)
-                if not task.done():
-                    task.cancel()
+                task.cancel()
 
     def cancel_admits(self, keys: Iterable[str]) -> None:
         """Admits of `admit_many` whose clients went away: they leave the queue (a slot granted in
         the meantime is given back by the Ingress when the ticket reaches it)."""
         now = time.monotonic()
         for key in keys:
-            task = self._admitting.pop(key, None)
-            if task is not None:
-                task.cancel()
+            entry = self._admitting.pop(key, None)
+            if entry is not None:
+                entry[0].cancel()
             else:  # the cancel overtook its batch (or the answer is on its way): remember it briefly
                 self._cancelled_early[key] = now
         if self._cancelled_early:
@@ -189,6 +199,16 @@ class TicketOffice:
                 logger.warning("ticket %s (request %s) expired: no release within its lease",
                                live.ticket.ticket_id, live.meta.rid)
                 self._free(live, None)
+            self._sweep_unfollowed()
+
+    def _sweep_unfollowed(self) -> None:
+        """Queued admits whose Ingress never came for their answers (it died between its
+        admit_many and follow_admits): dropped once they could no longer be waiting; a ticket
+        granted to one expires by its lease."""
+        too_old = time.monotonic() - (self.admission.max_queue_wait_s + self.desk.lease_s)
+        for key in [k for k, (task, since) in self._admitting.items() if since < too_old]:
+            task, _ = self._admitting.pop(key)
+            task.cancel()
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -1,5 +1,5 @@
 """Batched admits without Ray: the Ingress's AdmitBatcher (app/ingress/admits.py) in front of the
-scheduler's real TicketOffice.admit_many (app/scheduler/office.py). What is checked: a lone admit
+scheduler's real TicketOffice.admit_many and follow_admits (app/scheduler/office.py). What is checked: a lone admit
 leaves at once; admits that arrive while a batch is being sent go together in the next one; each
 request of a batch gets its own answer (a 503 for one fails none of the others); a request
 queued in the scheduler does not hold back the next batch; priorities and the order of service
@@ -38,7 +38,8 @@ def request(i: int, priority: int = 0, tenant: str = "default") -> GenerateReque
 
 
 class Link:
-    """The office's admit_many as the Ingress sees it through a handle, recording each call's keys;
+    """The office's admit_many / follow_admits as the Ingress sees them through a handle, recording
+    each admit_many call's requests;
     while `hold` is clear, a call is held before it reaches the scheduler, so coalescing is seen
     deterministically. Cancels are applied as the release batch would apply them."""
 
@@ -48,14 +49,13 @@ class Link:
         self.hold = asyncio.Event()
         self.hold.set()
         self.orphans: list[Ticket] = []
-        self.batcher = AdmitBatcher(self.send, cancel=lambda key: office.cancel_admits([key]),
+        self.batcher = AdmitBatcher(self.send, office.follow_admits, cancel=lambda key: office.cancel_admits([key]),
                                     orphan=self.orphan)
 
     async def send(self, batch):
         self.batches.append([r.rid for _, r in batch])
         await self.hold.wait()
-        async for answers in self.office.admit_many(batch):
-            yield answers
+        return await self.office.admit_many(batch)
 
     def orphan(self, ticket: Ticket) -> None:
         self.orphans.append(ticket)
@@ -177,10 +177,25 @@ async def test_a_client_that_goes_away_leaves_the_scheduler_queue():
 async def test_a_cancel_that_overtakes_its_batch_still_takes_the_admit_out():
     office = make_office(max_concurrent=1, max_queue=4)
     office.cancel_admits(["k1"])
-    answers = [a async for a in office.admit_many([("k1", request(1)), ("k2", request(2))])]
-    flat = dict(pair for batch in answers for pair in batch)
-    assert flat["k1"] is None and isinstance(flat["k2"], Ticket)
+    answers = dict(await office.admit_many([("k1", request(1)), ("k2", request(2))]))
+    assert answers["k1"] is None and isinstance(answers["k2"], Ticket)
     assert office.admission.in_flight == 1 and office.admission.depth == 0
+
+
+async def test_admit_many_returns_at_once_and_queued_answers_follow():
+    from app.scheduler.office import QUEUED
+
+    office = make_office(max_concurrent=1, max_queue=4)
+    answers = dict(await office.admit_many([("k1", request(1)), ("k2", request(2)), ("k3", request(3))]))
+    assert isinstance(answers["k1"], Ticket) and answers["k2"] == answers["k3"] == QUEUED
+    follow = office.follow_admits(["k2", "k3", "unknown"])
+    assert await follow.__anext__() == [("unknown", None)]
+    office.release([Outcome(answers["k1"].ticket_id, "finished")])
+    [(key, ticket)] = await asyncio.wait_for(follow.__anext__(), 10)
+    assert key == "k2" and ticket.rid == "req-2"
+    await follow.aclose()  # the Ingress went away: its still-queued admit leaves the queue
+    await until(lambda: office.admission.depth == 0)
+    assert office.stats()["admitting"] == 0
 
 
 async def test_a_ticket_granted_to_a_client_gone_is_given_back():
@@ -202,10 +217,9 @@ async def test_a_failed_call_fails_each_of_its_admits_and_the_next_batch_still_l
     async def send(batch):
         if failing["on"]:
             raise ConnectionError("scheduler gone")
-        async for answers in office.admit_many(batch):
-            yield answers
+        return await office.admit_many(batch)
 
-    batcher = AdmitBatcher(send, cancel=lambda key: None, orphan=lambda ticket: None)
+    batcher = AdmitBatcher(send, office.follow_admits, cancel=lambda key: None, orphan=lambda ticket: None)
     results = await asyncio.gather(batcher.admit(request(1)), batcher.admit(request(2)), return_exceptions=True)
     assert all(isinstance(r, ConnectionError) for r in results)
     failing["on"] = False
