@@ -37,7 +37,8 @@ async def measure_hops(app_name: str, requests: int, prompt_len: int = 64) -> di
     streams = replicas.options(stream=True)
     admit_streams = scheduler.options(stream=True)
     releases = ReleaseBatcher(scheduler, lease_s=30.0)
-    admits = AdmitBatcher(lambda batch: scheduler.admit_many.remote(batch), lambda keys: admit_streams.follow_admits.remote(keys), cancel=releases.cancel_admit,
+    admits = AdmitBatcher(lambda batch: scheduler.admit_many.remote(batch),
+                          lambda keys: admit_streams.follow_admits.remote(keys), cancel=releases.cancel_admit,
                           orphan=lambda t: releases.release(Outcome(t.ticket_id, "client_disconnect")))
     engine = SimulatedEngine(SimulatedCosts(), name="local")
     await engine.start()

@@ -118,7 +118,8 @@ async def drive_handle(handle, prompts: list[list[int]], concurrency: int, durat
 
     releases = ReleaseBatcher(handle, lease_s=30.0)  # batched, as the Ingress sends them
     streams = handle.options(stream=True)
-    admits = AdmitBatcher(lambda batch: handle.admit_many.remote(batch), lambda keys: streams.follow_admits.remote(keys), cancel=releases.cancel_admit,
+    admits = AdmitBatcher(lambda batch: handle.admit_many.remote(batch),
+                          lambda keys: streams.follow_admits.remote(keys), cancel=releases.cancel_admit,
                           orphan=lambda t: releases.release(Outcome(t.ticket_id, "client_disconnect")))
     count = 0
     stop_at = time.monotonic() + duration_s

@@ -135,7 +135,8 @@ class AdmitBatcher:
         elif isinstance(answer, BaseException):  # its own refusal, or the failed call's error
             future.set_exception(answer)
         else:
-            future.set_exception(EngineUnavailableError("the scheduler did not answer this admission", code="admit_dropped"))
+            future.set_exception(EngineUnavailableError("the scheduler did not answer this admission",
+                                                        code="admit_dropped"))
 
     def stats(self) -> dict[str, Any]:
         return {"calls_total": self.calls_total, "admits_total": self.admits_total, "max_batch": self.max_batch,
