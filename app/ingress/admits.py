@@ -74,9 +74,12 @@ class AdmitBatcher:
         try:
             return await future
         except asyncio.CancelledError:
-            if any(k == key for k, _ in self._pending):
+            if future.done() and not future.cancelled():
+                if future.exception() is None:  # granted just as its client went away
+                    self._orphan(future.result())
+            elif any(k == key for k, _ in self._pending):
                 self._pending = [(k, r) for k, r in self._pending if k != key]
-            elif key in self._waiting:
+            else:
                 self._cancel(key)  # sent: take it out of the scheduler's queue
             raise
         finally:

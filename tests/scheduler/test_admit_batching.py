@@ -224,3 +224,22 @@ async def test_a_failed_call_fails_each_of_its_admits_and_the_next_batch_still_l
     assert all(isinstance(r, ConnectionError) for r in results)
     failing["on"] = False
     assert (await batcher.admit(request(3))).rid == "req-3"
+
+
+async def test_a_ticket_delivered_in_the_instant_its_client_goes_away_is_given_back():
+    """The answer is set on the client's future, and the client is cancelled before it resumes."""
+    office = make_office(max_concurrent=4)
+    link = Link(office)
+    clients: list[asyncio.Task] = []
+
+    async def send(batch):
+        answers = await office.admit_many(batch)
+        asyncio.get_running_loop().call_soon(clients[0].cancel)  # runs after the delivery below
+        return answers
+
+    link.batcher._send = send
+    clients.append(asyncio.create_task(link.batcher.admit(request(1))))
+    with pytest.raises(asyncio.CancelledError):
+        await clients[0]
+    await until(lambda: office.admission.in_flight == 0)
+    assert [t.rid for t in link.orphans] == ["req-1"] and office.stats()["tickets"]["live"] == 0
