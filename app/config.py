@@ -114,6 +114,9 @@ class SchedulerSettings(_Section):
     # another replica from the prompt + the tokens already sent, at most this many times.
     max_stream_migrations: int = Field(2, ge=0)
     ticket_lease_s: float = Field(30.0, gt=0)  # a ticket the Ingress stops renewing frees its slot
+    # Each Ingress coalesces the admits that arrive while one is being sent into one
+    # Scheduler.admit_many call (app/ingress/admits.py); false: one admit call per request.
+    batch_admits: bool = True
 
 
 class IngressSettings(_Section):

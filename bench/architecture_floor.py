@@ -353,6 +353,24 @@ def engine_table(results: dict[str, dict[int, dict]]) -> list[str]:
     return lines
 
 
+def floor_table(results: dict[str, dict[int, dict]], floor: str = "floor, 2 deployments") -> list[str]:
+    """Each sglserve side against the floor app (per round too: rounds alternate, so the per-round
+    ratios show how much the shared machine moved)."""
+    if floor not in results:
+        return []
+    lines = [f"Against *{floor}* (tok/s ratio over the whole level, and per round):", "",
+             "| concurrency | side | tok/s ratio to the floor | per round | TTFT p50 vs the floor |", "|---|---|---|---|---|"]
+    for level, base in results[floor].items():
+        for side, by_level in results.items():
+            if not side.startswith("sglserve"):
+                continue
+            r = by_level[level]
+            rounds = ", ".join(f"{a / b:.2f}" for a, b in zip(r["round_tok_s"], base["round_tok_s"]))
+            lines.append(f"| {level} | {side} | {r['tok_s'] / base['tok_s']:.3f} | {rounds} | "
+                         f"{r['ttft_p50_ms'] - base['ttft_p50_ms']:+.1f} ms |")
+    return lines
+
+
 def plot(transports: dict, results: dict, levels, name: str) -> None:
     import matplotlib
 
@@ -393,21 +411,29 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4, help="alternations per level (part 2)")
     parser.add_argument("--name", default="architecture_floor", help="results file name (.md and .png)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the engine runs (all sides)")
+    parser.add_argument("--levels", default="1,8,32", help="concurrency levels of part 2, e.g. 32")
+    parser.add_argument("--floors", default="3,2", help="which floor applications (deployments), e.g. 2")
+    parser.add_argument("--no-transports", action="store_true", help="skip part 1")
+    parser.add_argument("--unbatched", action="store_true",
+                        help="add a side: sglserve with one admit call per request (scheduler.batch_admits false)")
     args = parser.parse_args()
     scale = 0.25 if args.quick else 1.0
     transport_levels = [(1, max(10, int(60 * scale))), (32, max(64, int(320 * scale)))]
-    levels = [(1, max(4, int(24 * scale))), (8, max(32, int(96 * scale))), (32, max(128, int(384 * scale)))]
+    counts = {1: max(4, int(24 * scale)), 8: max(32, int(96 * scale)), 32: max(128, int(384 * scale))}
+    levels = [(int(lv), counts.get(int(lv), max(4 * int(lv), int(12 * int(lv) * scale))))
+              for lv in args.levels.split(",")]
     prompts = {level: make_prompts(count, 64, seed=level) for level, count in levels}
 
     with tqdm(total=3, desc="transports") as bar:
-        transports = {"plain TCP (asyncio)": measure_tcp(transport_levels)}
+        transports = {} if args.no_transports else {"plain TCP (asyncio)": measure_tcp(transport_levels)}
         bar.update()
         port = start_ray_serve(throughput_optimized=True, ingress_ports=INGRESS_PORTS)
         try:
-            transports["Ray actor calls"] = measure_ray_actors(transport_levels)
-            bar.update()
-            transports["Ray Serve handles (throughput mode)"] = measure_serve(port, transport_levels)
-            bar.update()
+            if not args.no_transports:
+                transports["Ray actor calls"] = measure_ray_actors(transport_levels)
+                bar.update()
+                transports["Ray Serve handles (throughput mode)"] = measure_serve(port, transport_levels)
+                bar.update()
 
             from ray import serve
 
@@ -418,12 +444,16 @@ def main() -> None:
                         "scheduler": {"max_concurrent": 256, "max_queue": 1024}}
             raw = AppSettings.from_args(settings).model_dump(mode="json")
             bases = {}
-            for deployments in (3, 2):
+            for deployments in [int(d) for d in args.floors.split(",")]:
                 name = f"floor{deployments}"
                 serve.run(floor_app(raw, deployments, args.device), name=name, route_prefix=f"/{name}", blocking=False)
                 bases[f"floor, {deployments} deployments"] = wait_ready(port, name, ingress_ports=INGRESS_PORTS)
             bases["sglserve"] = deploy_app(port, "sglserve", settings, replica_options=replica_options(args.device),
                                            ingress_ports=INGRESS_PORTS)
+            if args.unbatched:
+                unbatched = {**settings, "scheduler": {**settings["scheduler"], "batch_admits": False}}
+                bases["sglserve, one admit call per request"] = deploy_app(
+                    port, "sglserveu", unbatched, replica_options=replica_options(args.device), ingress_ports=INGRESS_PORTS)
             results = asyncio.run(run_interleaved(bases, levels, prompts, 64, args.rounds, args.device))
         finally:
             stop_ray_serve()
@@ -440,7 +470,7 @@ def main() -> None:
         "mode; for Ray actors, the driver calls the first actor). No engine, no validation, no coalescing: "
         "one message per item per hop.",
         "",
-        *transport_table(transports, transport_levels),
+        *(transport_table(transports, transport_levels) if transports else ["(not run: --no-transports)"]),
         "",
         "## With the engine",
         "",
@@ -449,9 +479,12 @@ def main() -> None:
         "only parses JSON and writes SSE -> a pass-through deployment -> sglserve's ModelReplica (engine "
         "process, coalescing), Ray Serve throughput mode. *floor, 2 deployments*: the same without the "
         "pass-through (no Scheduler hop at all). *sglserve*: the whole application, same mode (since issue 16: "
-        "the Ingress takes a ticket from the Scheduler, then streams from the ModelReplica in one hop).",
+        "the Ingress takes a ticket from the Scheduler, then streams from the ModelReplica in one hop; "
+        "its admits are batched, app/ingress/admits.py; *one admit call per request* is the same without that).",
         "",
         *engine_table(results),
+        "",
+        *floor_table(results),
         "",
         "Targets (issue 2): added TTFT p50 <= 5 ms at c=1; throughput ratio >= 0.95 at c=32.",
         "",

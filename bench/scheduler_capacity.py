@@ -10,9 +10,13 @@ CPU time spent inside `admit` + `release` per decision (so the simulated engines
 not counted), hence decisions/s per core.
 
 Part 2, through Ray Serve (throughput mode): one Scheduler replica of a deployed sglserve app
-(simulated engine, 2 replicas), `admit` + `release` called through its DeploymentHandle by 64
-concurrent callers for a few seconds, releases batched as the Ingress batches them. Measured: calls/s, and the Scheduler process's CPU seconds
-per decision (psutil), hence the decisions/s one scheduler replica sustains when it has a core.
+(simulated engine, 2 replicas), admissions asked through its DeploymentHandle by 64 concurrent
+callers for a few seconds, releases batched as the Ingress batches them; both ways of asking, in
+turns in the same app and minute: one unary `admit` call per request (before), and the Ingress's
+batched admits (app/ingress/admits.py: one unary `admit_many` call carries the admits that
+arrived while the previous one was in flight). Measured: decisions/s, and the Scheduler
+process's CPU seconds per decision (psutil), hence the decisions/s one scheduler replica sustains
+when it has a core.
 
     python -m bench.scheduler_capacity [--quick]
 """
@@ -105,12 +109,18 @@ async def decisions_in_process(requests: int, concurrency: int) -> dict:
 # -- part 2 -----------------------------------------------------------------------------------------
 
 
-async def drive_handle(handle, prompts: list[list[int]], concurrency: int, duration_s: float) -> tuple[int, float]:
+async def drive_handle(handle, prompts: list[list[int]], concurrency: int, duration_s: float,
+                       batched: bool = False) -> tuple[int, float, dict]:
+    from app.ingress.admits import AdmitBatcher
     from app.ingress.releases import ReleaseBatcher
     from app.protocol import GenerateRequest, SamplingParams
     from app.scheduler.tickets import Outcome
 
     releases = ReleaseBatcher(handle, lease_s=30.0)  # batched, as the Ingress sends them
+    streams = handle.options(stream=True)
+    admits = AdmitBatcher(lambda batch: handle.admit_many.remote(batch),
+                          lambda keys: streams.follow_admits.remote(keys), cancel=releases.cancel_admit,
+                          orphan=lambda t: releases.release(Outcome(t.ticket_id, "client_disconnect")))
     count = 0
     stop_at = time.monotonic() + duration_s
 
@@ -119,17 +129,19 @@ async def drive_handle(handle, prompts: list[list[int]], concurrency: int, durat
         i = k
         while time.monotonic() < stop_at:
             request = GenerateRequest(input_ids=prompts[i % len(prompts)], sampling=SamplingParams(max_new_tokens=16))
-            ticket = await handle.admit.remote(request)
+            ticket = await (admits.admit(request) if batched else handle.admit.remote(request))
             releases.release(Outcome(ticket.ticket_id, "finished"))
             count += 1
             i += concurrency
 
     started = time.perf_counter()
     await asyncio.gather(*(caller(k) for k in range(concurrency)))
-    return count, time.perf_counter() - started
+    return count, time.perf_counter() - started, admits.stats()
 
 
-def decisions_through_serve(duration_s: float, concurrency: int) -> dict:
+def decisions_through_serve(duration_s: float, concurrency: int, rounds: int = 2, hops: int = 0) -> tuple[list[dict], dict | None]:
+    """Part 2 (and, with `hops`, bench/first_token_hops.py's c=1 measurement on the same app, so
+    that one Ray start serves both on a busy machine)."""
     import psutil
     from ray import serve
 
@@ -143,24 +155,37 @@ def decisions_through_serve(duration_s: float, concurrency: int) -> dict:
         procs = {"Scheduler": serve_processes("cap")["Scheduler"]}
         prompts = make_prompts(512, seed=2)
 
-        async def run() -> tuple[int, float, dict, dict]:
+        async def run() -> list[dict]:
             handle = serve.get_deployment_handle("Scheduler", app_name="cap")
-            await drive_handle(handle, prompts, 8, 2.0)  # warm-up
-            before = cpu_seconds(procs)
-            count, wall = await drive_handle(handle, prompts, concurrency, duration_s)
-            return count, wall, before, cpu_seconds(procs)
+            await drive_handle(handle, prompts, 8, 2.0)  # warm-up, both ways
+            await drive_handle(handle, prompts, 8, 2.0, batched=True)
+            runs = []
+            for turn in range(rounds):  # alternate, so that both ways see the same load
+                for batched in (False, True):
+                    load = psutil.getloadavg()[0]
+                    before = cpu_seconds(procs)
+                    count, wall, stats = await drive_handle(handle, prompts, concurrency, duration_s, batched)
+                    cpu = cpu_seconds(procs)["Scheduler"] - before["Scheduler"]
+                    runs.append({"mode": "batched admit_many" if batched else "one admit per request",
+                                 "turn": turn, "decisions": count, "wall_s": wall, "per_s": count / wall,
+                                 "scheduler_cpu_s": cpu, "scheduler_cpu_ms_per_decision": cpu / count * 1000,
+                                 "decisions_per_scheduler_cpu_s": count / cpu, "load_avg": load,
+                                 "concurrency": concurrency,
+                                 "mean_batch": stats["admits_total"] / stats["calls_total"] if batched else 1.0})
+                    print(runs[-1], flush=True)
+            hop_times = None
+            if hops:
+                from bench.first_token_hops import measure_hops
 
-        load = psutil.getloadavg()[0]
-        count, wall, before, after = asyncio.run(run())
+                hop_times = {"load_avg": psutil.getloadavg()[0], "times": await measure_hops("cap", hops)}
+            return runs, hop_times
+
+        return asyncio.run(run())
     finally:
         stop_ray_serve()
-    cpu = after["Scheduler"] - before["Scheduler"]
-    return {"decisions": count, "wall_s": wall, "per_s": count / wall, "scheduler_cpu_s": cpu,
-            "scheduler_cpu_ms_per_decision": cpu / count * 1000, "decisions_per_scheduler_cpu_s": count / cpu,
-            "load_avg": load, "concurrency": concurrency}
 
 
-def report(part1: dict, part2: dict | None, quick: bool) -> str:
+def report(part1: dict, part2: list[dict] | None, quick: bool) -> str:
     lines = [
         "# Scheduler capacity: admission decisions per second on one Scheduler replica",
         "",
@@ -181,19 +206,22 @@ def report(part1: dict, part2: dict | None, quick: bool) -> str:
         f"{part1['hit_rate']:.2f} | {part1['replicas_used']} |",
         "",
     ]
-    if part2 is not None:
+    if part2:
+        first = part2[0]
         lines += [
-            "## Through Ray Serve: one Scheduler replica, admit + release over its handle",
+            "## Through Ray Serve: one Scheduler replica, admissions + releases over its handle",
             "",
-            f"{part2['concurrency']} concurrent callers in one process, {part2['wall_s']:.1f} s, Ray Serve throughput "
-            f"mode; load average at start {part2['load_avg']:.1f}.",
+            f"{first['concurrency']} concurrent callers in one process, {first['wall_s']:.1f} s a turn, the two ways "
+            "alternating in the same app, Ray Serve throughput mode. Releases batched in both.",
             "",
-            "| decisions/s achieved | Scheduler CPU per decision (admit call + its share of a release batch) | decisions per Scheduler CPU second |",
-            "|---|---|---|",
-            f"| {part2['per_s']:,.0f} | {part2['scheduler_cpu_ms_per_decision']:.2f} ms | "
-            f"{part2['decisions_per_scheduler_cpu_s']:,.0f} |",
-            "",
+            "| turn | admits asked by | load average | decisions/s achieved | admits per call | Scheduler CPU per decision "
+            "| decisions per Scheduler CPU second |",
+            "|---|---|---|---|---|---|---|",
         ]
+        for r in part2:
+            lines.append(f"| {r['turn']} | {r['mode']} | {r['load_avg']:.1f} | {r['per_s']:,.0f} | {r['mean_batch']:.1f} | "
+                         f"{r['scheduler_cpu_ms_per_decision']:.2f} ms | {r['decisions_per_scheduler_cpu_s']:,.0f} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -202,11 +230,23 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-serve", action="store_true", help="part 1 only")
     parser.add_argument("--name", default="scheduler_capacity")
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--hops", type=int, default=0, help="also time the c=1 hops (bench/first_token_hops.py), N requests")
     args = parser.parse_args()
     part1 = asyncio.run(decisions_in_process(2000 if args.quick else 8000, 256))
     print(part1)
-    part2 = None if args.no_serve else decisions_through_serve(5.0 if args.quick else 15.0, 64)
+    part2, hops = (None, None) if args.no_serve else decisions_through_serve(
+        5.0 if args.quick else 10.0, args.concurrency, hops=args.hops)
     print(part2)
+    if hops is not None:
+        from bench.first_token_hops import table
+
+        text = "\n".join(["# c=1: the two hops before the first token", "", f"Machine: {machine()}", "",
+                          f"{args.hops} requests one at a time (64-token prompts, 1 output token, simulated engine, "
+                          f"the app of bench/scheduler_capacity.py), load average {hops['load_avg']:.1f} at the start.",
+                          "", *table(hops["times"]), ""])
+        print(text)
+        write_result("first_token_hops", text)
     path = write_result(args.name, report(part1, part2, args.quick))
     print(f"wrote {path}")
 

@@ -6,7 +6,8 @@ together in the next one (so under load the calls per second stay bounded by one
 trip, whatever the request rate). Every `renew_every_s` the ids of the tickets still streaming
 ride along, renewing their leases; an Ingress that dies stops renewing, and the scheduler takes
 the slots back when the leases run out. A failed call is logged, not retried: its tickets
-expire by lease.
+expire by lease. Batched admits whose clients went away while they waited in the scheduler's queue
+(app/ingress/admits.py) ride along too, so that they leave the queue.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class ReleaseBatcher:
         self._scheduler = scheduler
         self.renew_every_s = max(0.01, lease_s / 3)
         self._pending: list[Outcome] = []
+        self._cancels: list[str] = []
         self._live: dict[str, Ticket] = {}
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -41,6 +43,13 @@ class ReleaseBatcher:
     def release(self, outcome: Outcome) -> None:
         self._live.pop(outcome.ticket_id, None)
         self._pending.append(outcome)
+        self._ensure_running()
+        assert self._wake is not None
+        self._wake.set()
+
+    def cancel_admit(self, key: str) -> None:
+        """A batched admit nobody waits for any more: the scheduler takes it out of its queue."""
+        self._cancels.append(key)
         self._ensure_running()
         assert self._wake is not None
         self._wake.set()
@@ -62,16 +71,20 @@ class ReleaseBatcher:
 
     async def _send(self) -> None:
         batch, self._pending = self._pending, []
+        cancels, self._cancels = self._cancels, []
         now = time.monotonic()
         renew = list(self._live) if self._live and now - self._renewed_at >= self.renew_every_s else []
-        if not batch and not renew:
+        if not batch and not renew and not cancels:
             return
         if renew:
             self._renewed_at = now
         self.calls_total += 1
         self.released_total += len(batch)
         try:
-            await self._scheduler.release.remote(batch, renew)
+            if cancels:
+                await self._scheduler.release.remote(batch, renew, cancels)
+            else:
+                await self._scheduler.release.remote(batch, renew)
         except Exception as exc:  # noqa: BLE001 - the scheduler may be restarting; leases expire
             logger.warning("releasing %d tickets failed (they expire by lease): %r", len(batch), exc)
 

@@ -1,7 +1,8 @@
 """One sequence's token stream, straight from the replica its ticket names, with failover.
 
-admit (the scheduler's queue and routing decision) -> ModelReplica.generate on the ticket's
-replica (one streaming handle call, routed by `target_replica`) -> release, batched.
+admit (the scheduler's queue and routing decision; batched with the Ingress's other admits,
+app/ingress/admits.py) -> ModelReplica.generate on the ticket's replica (one streaming handle
+call, routed by `target_replica`) -> release, batched.
 
 Replica failures (Ray's actor errors, or any error whose cause says `retryable = True`, such as
 an engine that died under a live replica) are handled here, where the stream is:
@@ -26,6 +27,7 @@ from app.autoscaling import first_item_within
 from app.config import AppSettings
 from app.engines.base import Tokenizer
 from app.errors import APIError, EngineError, EngineUnavailableError, unwrap_error
+from app.ingress.admits import AdmitBatcher
 from app.ingress.migration import Progress, Splice, length_finish, plan_continuation
 from app.ingress.releases import ReleaseBatcher
 from app.protocol import GenerateOutput, GenerateRequest
@@ -60,12 +62,24 @@ class TicketedStreams:
         # Made once (a fresh `.options()` handle per request re-initialises routing state).
         self.replica_streams = replicas.options(stream=True)
         self.releases = ReleaseBatcher(scheduler, settings.scheduler.ticket_lease_s)
+        self.admits: AdmitBatcher | None = None
+        if settings.scheduler.batch_admits:
+            follow_streams = scheduler.options(stream=True)
+            self.admits = AdmitBatcher(
+                lambda batch: scheduler.admit_many.remote(batch),
+                lambda keys: follow_streams.follow_admits.remote(keys),
+                cancel=self.releases.cancel_admit,
+                orphan=lambda ticket: self.releases.release(Outcome(ticket.ticket_id, "client_disconnect")),
+            )
         self.tokenizer = tokenizer
         self.retries_total = 0
         self.migrations_total = 0
 
     async def stream(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
-        ticket: Ticket = await self.scheduler.admit.remote(request)
+        if self.admits is not None:
+            ticket = await self.admits.admit(request)
+        else:
+            ticket = await self.scheduler.admit.remote(request)
         self.releases.track(ticket)
         progress = Progress()
         status = "error"

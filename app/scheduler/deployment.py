@@ -49,12 +49,22 @@ class Scheduler:
     async def admit(self, request: GenerateRequest) -> Ticket:
         return await self.office.admit(request)
 
+    async def admit_many(self, batch: list[tuple[str, GenerateRequest]]) -> list[tuple[str, Any]]:
+        """Batched admits (app/ingress/admits.py): each answered on its own; queued ones are
+        answered through `follow_admits`."""
+        return await self.office.admit_many(batch)
+
+    async def follow_admits(self, keys: list[str]) -> AsyncIterator[list[tuple[str, Any]]]:
+        async for answers in self.office.follow_admits(keys):
+            yield answers
+
     async def reroute(self, ticket_id: str, request: GenerateRequest, failed_replica: str | None,
                       started: bool) -> Ticket:
         return await self.office.reroute(ticket_id, request, failed_replica, started)
 
-    def release(self, outcomes: list[Outcome], renew: list[str] | None = None) -> None:
-        self.office.release(outcomes, renew)
+    def release(self, outcomes: list[Outcome], renew: list[str] | None = None,
+                cancel: list[str] | None = None) -> None:
+        self.office.release(outcomes, renew, cancel)
 
     # -- /run programs (admitted like one request, run whole on the chosen replica) ----------
 

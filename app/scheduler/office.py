@@ -2,7 +2,8 @@
 
 `TicketOffice` is what the Scheduler deployment serves (app/scheduler/deployment.py) and what
 bench/scheduler_capacity.py measures: `admit` waits in the AdmissionQueue and places the request
-with the Dispatcher (routing policy over the replicas' snapshot), `reroute` places a ticket again
+with the Dispatcher (routing policy over the replicas' snapshot), `admit_many` does the same for a
+batch of requests (each answered on its own, as its slot is granted or refused), `reroute` places a ticket again
 after a replica failure, `release` frees slots and feeds the adaptive in-flight limits, and a
 sweeper takes back the slots of tickets whose lease ran out. Single event loop, no locks.
 """
@@ -11,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 from app.config import AppSettings
+from app.errors import APIError, EngineError
 from app.metrics import SchedulerMetrics
 from app.protocol import GenerateRequest
 from app.scheduler.admission import AdmissionQueue, RequestMeta
@@ -26,6 +29,11 @@ from app.scheduler.routing import make_policy
 from app.scheduler.tickets import LiveTicket, Outcome, Ticket, TicketDesk
 
 logger = logging.getLogger("sglserve.scheduler")
+
+EARLY_CANCEL_KEEP_S = 60.0  # a cancel that overtook its admit waits this long for it
+
+QUEUED = "queued"  # admit_many's answer for a request that waits: follow_admits gives the rest
+AdmitAnswer = tuple[str, "Ticket | APIError | str | None"]  # (key, its ticket, its refusal, QUEUED, or None: cancelled)
 
 
 def policy_kwargs(settings: AppSettings) -> dict[str, Any]:
@@ -60,7 +68,9 @@ class TicketOffice:
         self.desk = TicketDesk(cfg.ticket_lease_s, prefix=f"{uuid.uuid4().hex[:6]}-")
         self.retries_total = 0
         self.migrations_total = 0
-        self.calls = {"admit": 0, "reroute": 0, "release": 0}
+        self.calls = {"admit": 0, "admit_many": 0, "reroute": 0, "release": 0}
+        self._admitting: dict[str, tuple[asyncio.Task, float]] = {}  # queued admit_many admits: key -> (task, since)
+        self._cancelled_early: dict[str, float] = {}  # key -> when its cancel came (before the admit)
         self.metrics = SchedulerMetrics(settings.model.name, settings.observability, self.admission)
         self._sweeper: asyncio.Task | None = None
 
@@ -76,6 +86,66 @@ class TicketOffice:
             self.admission.release(0.0)
             raise
         return self.desk.issue(meta, replica, routed)
+
+    async def admit_many(self, batch: list[tuple[str, GenerateRequest]]) -> list[AdmitAnswer]:
+        """Admit a batch of requests (an Ingress's admits coalesced into one call), each exactly as
+        `admit` would, in the batch's order: the same queue, priorities, fairness and refusals.
+        Returns at once, with each request's answer decided without waiting (its ticket, or its
+        own refusal, an OverloadedError sent as a value: never the batch's), and QUEUED for those
+        that wait in the queue; their answers come through `follow_admits`."""
+        self.calls["admit_many"] += 1
+        loop = asyncio.get_running_loop()
+        tasks: list[tuple[str, asyncio.Task]] = []
+        for key, request in batch:
+            task = loop.create_task(self.admit(request))
+            tasks.append((key, task))
+            if self._cancelled_early.pop(key, None) is not None:
+                task.cancel()
+        await asyncio.sleep(0)  # each admit has run to its first wait: granted, refused, or queued
+        answers: list[AdmitAnswer] = []
+        now = time.monotonic()
+        for key, task in tasks:
+            if task.done():
+                answers.append((key, _answer(task)))
+            else:
+                self._admitting[key] = (task, now)
+                answers.append((key, QUEUED))
+        return answers
+
+    async def follow_admits(self, keys: list[str]) -> AsyncIterator[list[AdmitAnswer]]:
+        """The answers of queued admits (`admit_many` said QUEUED), each as its slot is granted or
+        refused; None for one cancelled or unknown (its Ingress gave up on it, or it was swept).
+        The stream closing early (the Ingress went away) takes its admits out of the queue."""
+        waiting = {key: entry[0] for key in keys if (entry := self._admitting.get(key)) is not None}
+        unknown = [(key, None) for key in keys if key not in waiting]
+        try:
+            if unknown:
+                yield unknown
+            while waiting:
+                await asyncio.wait(waiting.values(), return_when=asyncio.FIRST_COMPLETED)
+                done = [(key, task) for key, task in waiting.items() if task.done()]
+                for key, _ in done:
+                    del waiting[key]
+                    self._admitting.pop(key, None)
+                yield [(key, _answer(task)) for key, task in done]
+        finally:
+            for key, task in waiting.items():
+                self._admitting.pop(key, None)
+                task.cancel()
+
+    def cancel_admits(self, keys: Iterable[str]) -> None:
+        """Admits of `admit_many` whose clients went away: they leave the queue (a slot granted in
+        the meantime is given back by the Ingress when the ticket reaches it)."""
+        now = time.monotonic()
+        for key in keys:
+            entry = self._admitting.pop(key, None)
+            if entry is not None:
+                entry[0].cancel()
+            else:  # the cancel overtook its batch (or the answer is on its way): remember it briefly
+                self._cancelled_early[key] = now
+        if self._cancelled_early:
+            for key in [k for k, at in self._cancelled_early.items() if now - at > EARLY_CANCEL_KEEP_S]:
+                del self._cancelled_early[key]
 
     async def reroute(
         self, ticket_id: str, request: GenerateRequest, failed_replica: str | None, started: bool
@@ -97,9 +167,12 @@ class TicketOffice:
         logger.info("request %s: replica %s failed; placed on %s", request.rid, failed_replica, replica)
         return self.desk.replace(live, replica, routed)
 
-    def release(self, outcomes: list[Outcome], renew: list[str] | None = None) -> None:
-        """Streams that ended (their slots come free) and streams still running (leases renewed)."""
+    def release(self, outcomes: list[Outcome], renew: list[str] | None = None, cancel: list[str] | None = None) -> None:
+        """Streams that ended (their slots come free), streams still running (leases renewed), and
+        batched admits whose clients went away while they waited (`cancel_admits`)."""
         self.calls["release"] += 1
+        if cancel:
+            self.cancel_admits(cancel)
         for outcome in outcomes:
             live = self.desk.pop(outcome.ticket_id)
             if live is not None:
@@ -126,6 +199,16 @@ class TicketOffice:
                 logger.warning("ticket %s (request %s) expired: no release within its lease",
                                live.ticket.ticket_id, live.meta.rid)
                 self._free(live, None)
+            self._sweep_unfollowed()
+
+    def _sweep_unfollowed(self) -> None:
+        """Queued admits whose Ingress never came for their answers (it died between its
+        admit_many and follow_admits): dropped once they could no longer be waiting; a ticket
+        granted to one expires by its lease."""
+        too_old = time.monotonic() - (self.admission.max_queue_wait_s + self.desk.lease_s)
+        for key in [k for k, (task, since) in self._admitting.items() if since < too_old]:
+            task, _ = self._admitting.pop(key)
+            task.cancel()
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -136,4 +219,18 @@ class TicketOffice:
             "tickets": self.desk.stats(),
             "routing": self.dispatcher.stats(),
             "calls": dict(self.calls),
+            "admitting": len(self._admitting),
         }
+
+
+def _answer(task: asyncio.Task) -> "Ticket | APIError | None":
+    """A finished admit as a value the Ingress can take: its ticket, its refusal, or None (cancelled)."""
+    if task.cancelled():
+        return None
+    exc = task.exception()
+    if exc is None:
+        return task.result()
+    if isinstance(exc, APIError):
+        return exc
+    logger.exception("admission failed", exc_info=exc)
+    return EngineError(f"admission failed: {type(exc).__name__}: {exc}")

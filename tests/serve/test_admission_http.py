@@ -74,3 +74,37 @@ def test_full_queue_is_503_with_retry_after(tiny_queue, tmp_path: Path):
             assert stream.json()["error"]["type"] == "overloaded_error"
         assert [f.result().status_code for f in running] == [200, 200]
         assert [f.result().json()["text"] for f in running] == ["held: released"] * 2
+
+
+def test_batched_admits_answer_each_request_on_its_own(tiny_queue, tmp_path: Path):
+    """Through the Ingress's batched admits (Scheduler.admit_many): with the one slot held, three
+    concurrent completions get one place in the queue and two 503s, each its own answer; the
+    queued one is served once the slot comes free."""
+    release = tmp_path / f"release-{uuid.uuid4().hex}"
+    held = {"program": f'held: {{hold.until_released("{release}")}}'}
+    body = {"model": MODEL, "prompt": "go", "max_tokens": 1}
+    calls_before = tiny_queue.handle("Scheduler").stats.remote().result(timeout_s=60)["calls"]["admit_many"]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        holder = pool.submit(httpx.post, f"{tiny_queue.base_url}/run", json=held, timeout=DEADLINE_S)
+        try:
+            deadline = time.monotonic() + DEADLINE_S
+            while admission(tiny_queue)["in_flight"] < 1:
+                assert time.monotonic() < deadline and not holder.done()
+                time.sleep(0.05)
+            completions = [pool.submit(httpx.post, f"{tiny_queue.base_url}/v1/completions", json=body, timeout=DEADLINE_S)
+                           for _ in range(3)]
+            while sum(f.done() for f in completions) < 2 or admission(tiny_queue)["queue_depth"] < 1:
+                assert time.monotonic() < deadline, admission(tiny_queue)
+                time.sleep(0.05)
+            refused = [f.result() for f in completions if f.done()]
+            assert not holder.done()  # both refusals came while the slot was still held
+        finally:
+            release.touch()
+        assert [r.status_code for r in refused] == [503, 503], [r.text for r in refused]
+        assert all(r.json()["error"]["type"] == "overloaded_error" and int(r.headers["retry-after"]) >= 1
+                   for r in refused)
+        served = [f.result() for f in completions if f.result().status_code == 200]
+        assert len(served) == 1 and served[0].json()["choices"][0]["text"] is not None
+        assert holder.result().status_code == 200
+    stats = tiny_queue.handle("Scheduler").stats.remote().result(timeout_s=60)
+    assert stats["calls"]["admit_many"] > calls_before and stats["admitting"] == 0
