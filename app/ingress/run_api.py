@@ -78,6 +78,7 @@ def run_router(gateway_of) -> APIRouter:
             tenant=getattr(request.state, "tenant", None) or "anonymous",
             priority=getattr(request.state, "priority", 0),
             session_id=uuid.uuid4().hex,
+            model_version=gateway.choose_version(request),  # canary: the whole program on one version
         )
         payload = body.model_dump(mode="json")
         if not body.stream:
