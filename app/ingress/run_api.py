@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import Field, model_validator
 
+from app.ingress import guard
 from app.ingress.gateway import Gateway
 from app.ingress.sse import sse_event, sse_stream
 from app.lang import parse
@@ -83,10 +84,11 @@ def run_router(gateway_of) -> APIRouter:
         payload = body.model_dump(mode="json")
         if not body.stream:
             result = await gateway.call_scheduler("run_program", route, payload)
-            return JSONResponse(result)
+            return JSONResponse(await guard.filter_run_result(request, result))  # output filters
 
         async def events() -> AsyncIterator[str]:
-            async for event in gateway.stream_scheduler("run_program_stream", route, payload):
+            events = gateway.stream_scheduler("run_program_stream", route, payload)
+            async for event in guard.filter_run_stream(request, events):  # output filters
                 yield sse_event(event)
 
         return StreamingResponse(sse_stream(events()), media_type="text/event-stream")
