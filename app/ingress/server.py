@@ -288,14 +288,34 @@ class Ingress:
 
     def reconfigure(self, user_config: dict[str, Any] | None) -> None:
         """Serve's lightweight update: `user_config: {weights: {version: weight}}` on the Ingress
-        deployment moves canary traffic in place (no replica of any deployment restarts)."""
-        weights = (user_config or {}).get("weights")
-        unknown = set(user_config or {}) - {"weights"}
-        if unknown:
-            raise ValueError(f"unknown Ingress user_config keys {sorted(unknown)}; known: ['weights']")
-        if weights is not None and _Current.gateway is not None:
-            _Current.gateway.reweight({str(k): float(v) for k, v in weights.items()})
-            logger.info("canary weights now %s", json.dumps(weights, sort_keys=True))
+        deployment moves canary traffic in place (no replica of any deployment restarts).
+
+        Bad weights (an unknown version, all zero) fail the replica's start, so a deploy with them
+        fails visibly; on a live replica they are logged and the current weights kept, since a
+        reconfigure that raises makes Serve replace the replica, and a typo must not take the
+        Ingress down."""
+        try:
+            weights = _user_weights(user_config)
+            if weights is not None and _Current.gateway is not None:
+                _Current.gateway.reweight(weights)
+                logger.info("canary weights now %s", json.dumps(weights, sort_keys=True))
+        except ValueError:
+            if not getattr(self, "_reconfigured", False):
+                raise
+            logger.exception("Ingress user_config refused; the current canary weights stay")
+        self._reconfigured = True
+
+
+def _user_weights(user_config: dict[str, Any] | None) -> dict[str, float] | None:
+    unknown = set(user_config or {}) - {"weights"}
+    if unknown:
+        raise ValueError(f"unknown Ingress user_config keys {sorted(unknown)}; known: ['weights']")
+    weights = (user_config or {}).get("weights")
+    if weights is None:
+        return None
+    if not isinstance(weights, dict):
+        raise ValueError("Ingress user_config.weights must map version names to weights")
+    return {str(k): float(v) for k, v in weights.items()}
 
 
 IngressDeployment = serve.deployment(name="Ingress", max_ongoing_requests=1024)(Ingress)

@@ -287,3 +287,29 @@ def test_request_metrics_and_the_request_log_carry_the_version():
 
     trace = RequestTrace("r1", "POST", "/v1/completions", 1.0, None, RequestLogPolicy(enabled=True), state=State())
     assert trace.log_fields(200, False)["model_version"] == "canary"
+
+
+def test_the_ingress_reconfigure_moves_weights_and_a_bad_update_keeps_the_old_ones():
+    import types
+
+    from app.ingress import server
+    from app.ingress.gateway import Gateway
+
+    gateway = Gateway.__new__(Gateway)  # only its split matters here
+    gateway.split = split(stable=90, canary=10)
+    previous, server._Current.gateway = server._Current.gateway, gateway
+    try:
+        replica = types.SimpleNamespace()
+        server.Ingress.reconfigure(replica, {"weights": {"stable": 50, "canary": 50}})
+        assert {n: v.weight for n, v in gateway.split.versions.items()} == {"stable": 50, "canary": 50}
+        # On a live replica a bad update is logged and the current weights stay (no outage) ...
+        server.Ingress.reconfigure(replica, {"weights": {"v9": 100}})
+        server.Ingress.reconfigure(replica, {"weights": {"stable": 0, "canary": 0}})
+        assert {n: v.weight for n, v in gateway.split.versions.items()} == {"stable": 50, "canary": 50}
+        # ... while a replica starting with one fails its start (the deploy fails visibly).
+        with pytest.raises(ValueError, match="unknown"):
+            server.Ingress.reconfigure(types.SimpleNamespace(), {"weights": {"v9": 100}})
+        with pytest.raises(ValueError, match="user_config keys"):
+            server.Ingress.reconfigure(types.SimpleNamespace(), {"model_weights": {}})
+    finally:
+        server._Current.gateway = previous
