@@ -64,6 +64,17 @@ def deployment_name(version: str) -> str:
     return f"ModelReplica-{version}"
 
 
+def replica_deployment(version: str | None) -> str:
+    """The deployment serving a version; version None is a single-model app's `ModelReplica`."""
+    return "ModelReplica" if version is None else deployment_name(version)
+
+
+def version_handles(replicas: Any) -> dict[str | None, Any]:
+    """`{version: handle}` from what `app.deployments.build` passes: a dict per version, or one
+    ModelReplica handle (a single-model app), which is version None."""
+    return dict(replicas) if isinstance(replicas, dict) else {None: replicas}
+
+
 def _unit_hash(*parts: str) -> float:
     """A uniform number in (0, 1) from the parts (stable across processes and runs)."""
     digest = hashlib.blake2b("\x1f".join(parts).encode("utf-8"), digest_size=8).digest()

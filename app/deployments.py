@@ -18,6 +18,7 @@ from typing import Any
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
+from app.canary import bind_version_replicas, deployment_name, split_from_settings
 from app.config import AppSettings
 from app.ingress.server import IngressDeployment
 from app.placement import merge_replica_options, replica_placement
@@ -43,15 +44,23 @@ def routing_config(settings: AppSettings) -> RequestRouterConfig:
 
 
 def build(settings: AppSettings, options: dict[str, dict[str, Any]] | None = None) -> Application:
+    """The application. With `models:` (app/canary.py) there is one ModelReplica deployment per
+    version, `ModelReplica-<version>`, each with its own options (else `options["ModelReplica"]`),
+    and the Scheduler, Ingress and JobRunner get the handles as `{version: handle}`."""
     options = options or {}
-    unknown = set(options) - set(DEPLOYMENT_NAMES) - set(OPTIONAL_DEPLOYMENT_NAMES)
+    versions = {deployment_name(v.name) for v in settings.models}
+    unknown = set(options) - set(DEPLOYMENT_NAMES) - set(OPTIONAL_DEPLOYMENT_NAMES) - versions
     if unknown:
-        raise ValueError(f"unknown deployments {sorted(unknown)}; known: {DEPLOYMENT_NAMES}")
+        raise ValueError(f"unknown deployments {sorted(unknown)}; known: {sorted({*DEPLOYMENT_NAMES, *versions})}")
     raw = settings.model_dump(mode="json")
-    # GPU placement defaults from the engine settings; explicit options win (app/placement.py).
-    placed = merge_replica_options(replica_placement(settings), options.get("ModelReplica", {}))
-    replica_options = {"request_router_config": routing_config(settings), **placed}
-    replica = ModelReplicaDeployment.options(**replica_options).bind(raw)
+    if settings.models:
+        split_from_settings(settings)  # a bad split (duplicate names, no weight) fails here
+        replica: Any = bind_version_replicas(settings, options)
+    else:
+        # GPU placement defaults from the engine settings; explicit options win (app/placement.py).
+        placed = merge_replica_options(replica_placement(settings), options.get("ModelReplica", {}))
+        replica_options = {"request_router_config": routing_config(settings), **placed}
+        replica = ModelReplicaDeployment.options(**replica_options).bind(raw)
     scheduler = SchedulerDeployment.options(**options.get("Scheduler", {})).bind(replica, raw)
     # The job runner executes jobs through the same scheduler and replicas (app/jobs/runner.py).
     runner = (JobRunnerDeployment.options(**options.get("JobRunner", {})).bind(scheduler, raw, replica)

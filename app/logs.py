@@ -145,7 +145,7 @@ class RequestTrace:
             return
         self.done = True
         if self.metrics is not None:
-            self.metrics.record_http(self.endpoint(status), status)
+            self.metrics.record_http(self.endpoint(status), status, getattr(self.state, "model_version", None))
         if self.policy.should_log(self.request_id, status):
             fields = self.log_fields(status, disconnected)
             if _redact_pii:
@@ -162,6 +162,7 @@ class RequestTrace:
             "request_id": self.request_id[:MAX_ID_CHARS],
             "key_id": getattr(self.state, "key_id", None),
             "tenant": getattr(self.state, "tenant", None),
+            "model_version": getattr(self.state, "model_version", None),  # canary (app/canary.py)
             "method": self.method,
             "endpoint": self.endpoint(status),
             "status": status,

@@ -38,7 +38,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -177,6 +177,13 @@ CATALOGUE: tuple[MetricSpec, ...] = (
                on_event_only=True),
 )
 
+# Every Ingress metric (per sequence or per HTTP request) also carries the model version that served
+# it (app/canary.py); "default" in a single-model application.
+VERSION_LABEL = "version"
+SINGLE_MODEL_VERSION = "default"
+CATALOGUE = tuple(replace(s, labels=(VERSION_LABEL, *s.labels)) if s.deployment == "Ingress" else s
+                  for s in CATALOGUE)
+
 SPECS: dict[str, MetricSpec] = {spec.name: spec for spec in CATALOGUE}
 
 
@@ -250,7 +257,10 @@ class MetricSet:
             metric = factory(spec, buckets)
             set_default = getattr(metric, "set_default_tags", None)
             if set_default is not None:
-                set_default({MODEL_LABEL: model_name})
+                defaults = {MODEL_LABEL: model_name}
+                if VERSION_LABEL in spec.labels:
+                    defaults[VERSION_LABEL] = SINGLE_MODEL_VERSION
+                set_default(defaults)
             self._metrics[name] = metric
 
     def __getitem__(self, name: str) -> Metric:
@@ -311,6 +321,7 @@ class SequenceRecord:
     completion_tokens: int = 0
     cached_tokens: int = 0
     finish_reason: str | None = None  # stop | length | abort | error | client_disconnect
+    version: str = "default"  # the model version that served it (app/canary.py)
 
     def on_output(self, out: "GenerateOutput", now_s: float) -> float | None:
         """Take one increment; returns the inter-token latency it shows (gap / tokens), if any."""
@@ -375,6 +386,7 @@ class IngressMetrics:
         if not self.enabled:
             return
         m = self.m
+        v = {VERSION_LABEL: seq.version}
         for name, value in (
             ("time_to_first_token_seconds", seq.ttft_s),
             ("e2e_request_latency_seconds", seq.e2e_s),
@@ -382,36 +394,37 @@ class IngressMetrics:
             ("engine_time_to_first_token_seconds", seq.engine_ttft_s),
         ):
             if value is not None:
-                m[name].observe(max(0.0, value))
+                m[name].observe(max(0.0, value), tags=v)
         for stage, value in (
             ("ingress_to_engine", seq.ingress_to_engine_s),
             ("engine_to_ingress", seq.engine_to_ingress_s),
         ):
             if value is not None:
-                m["framework_overhead_seconds"].observe(max(0.0, value), tags={"stage": stage})
+                m["framework_overhead_seconds"].observe(max(0.0, value), tags={**v, "stage": stage})
         for name, count in (
             ("prompt_tokens", seq.prompt_tokens),
             ("generation_tokens", seq.completion_tokens),
             ("cached_tokens", seq.cached_tokens),
         ):
             if count > 0:  # Ray refuses inc(0)
-                m[name].inc(count)
+                m[name].inc(count, tags=v)
         reason = seq.finish_reason or "error"
-        m["num_requests"].inc(1, tags={"finish_reason": reason})
+        m["num_requests"].inc(1, tags={**v, "finish_reason": reason})
         if reason in ("abort", "client_disconnect"):
-            m["aborted_requests"].inc(1, tags={"reason": reason})
+            m["aborted_requests"].inc(1, tags={**v, "reason": reason})
 
-    def observe_inter_token_latency(self, itl_s: float) -> None:
+    def observe_inter_token_latency(self, itl_s: float, version: str = SINGLE_MODEL_VERSION) -> None:
         if self.enabled:
-            self.m["inter_token_latency_seconds"].observe(itl_s)
+            self.m["inter_token_latency_seconds"].observe(itl_s, tags={VERSION_LABEL: version})
 
-    def record_http(self, endpoint: str, status_code: int) -> None:
+    def record_http(self, endpoint: str, status_code: int, version: str | None = None) -> None:
         if not self.enabled:
             return
         code = str(status_code)
-        self.m["http_requests"].inc(1, tags={"endpoint": endpoint, "status_code": code})
+        v = version or SINGLE_MODEL_VERSION
+        self.m["http_requests"].inc(1, tags={VERSION_LABEL: v, "endpoint": endpoint, "status_code": code})
         if status_code in (429, 503):
-            self.m["refused_requests"].inc(1, tags={"status_code": code})
+            self.m["refused_requests"].inc(1, tags={VERSION_LABEL: v, "status_code": code})
 
 
 # The ingress process's metrics, set by `configure_ingress_metrics` (one Ingress per process).
@@ -441,12 +454,13 @@ async def observe_sequence(
             yield out
         return
     live = metrics if metrics is not None and metrics.enabled else None
-    seq = SequenceRecord(received_s=trace.received_s if trace is not None else request.arrival_time)
+    seq = SequenceRecord(received_s=trace.received_s if trace is not None else request.arrival_time,
+                         version=request.model_version or SINGLE_MODEL_VERSION)
     try:
         async for out in outputs:
             itl_s = seq.on_output(out, time.time())
             if itl_s is not None and live is not None:
-                live.observe_inter_token_latency(itl_s)
+                live.observe_inter_token_latency(itl_s, seq.version)
             yield out
     except GeneratorExit:
         seq.finish_reason = seq.finish_reason or "client_disconnect"

@@ -126,6 +126,8 @@ class GenerateRequest(BaseModel):
     deadline: float | None = None  # absolute unix time; past it the request is dropped
     # Set by the /run interpreter to keep a program on one replica.
     session_id: str | None = None
+    # Canary (app/canary.py): the model version the Ingress chose; None in a single-model app.
+    model_version: str | None = None
 
     @model_validator(mode="after")
     def _one_input(self) -> "GenerateRequest":

@@ -16,6 +16,7 @@ from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 
+from app.canary import TrafficSplit, split_from_settings
 from app.config import AppSettings
 from app.engines.base import Tokenizer
 from app.errors import EngineError, InvalidRequestError
@@ -49,6 +50,30 @@ class Gateway:
         self.tokenizer = tokenizer
         self.limits = limits
         self.streams = TicketedStreams(settings, scheduler, replicas, tokenizer)
+        # Canary (app/canary.py): which model version serves a request; None with one model.
+        self.split: TrafficSplit | None = split_from_settings(settings)
+
+    # -- model versions (canary) -----------------------------------------------------------------
+
+    def base_model(self, model: str) -> str:
+        """`name@version` -> `name`, for the model check."""
+        return self.split.base_model(model) if self.split is not None else model
+
+    def choose_version(self, request: Any, model: str | None = None) -> str | None:
+        """The version that serves this HTTP request (explicit `model@version` or X-Model-Version,
+        else by weight, sticky per X-Session-Id or API key); recorded on `request.state` for the
+        response header, metrics and the request log. None with one model."""
+        if self.split is None:
+            return None
+        version = self.split.choose(model, request.headers, getattr(request.state, "key_id", None))
+        request.state.model_version = version
+        return version
+
+    def reweight(self, weights: dict[str, float]) -> None:
+        """New weights (the Ingress's reconfigure): later requests are split by them."""
+        if self.split is None:
+            raise ValueError("weights were given, but this application serves one model (no `models:`)")
+        self.split = self.split.reweighted(weights)
 
     # -- request preparation -------------------------------------------------------------------
 

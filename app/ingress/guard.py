@@ -9,7 +9,8 @@ Where each check runs:
   limit (429 + Retry-After); the input filters (403 `content_filter`, or 503 when a filter fails
   and `safety.on_error` is "closed").
 - The route handlers call `remember` (which key owns which rids), `filter_stream` /
-  `filter_outputs` (output filters; a flagged stream ends with finish_reason `content_filter`).
+  `filter_outputs` (output filters; a flagged stream ends with finish_reason `content_filter`),
+  and for /run `filter_run_result` / `filter_run_stream` (the program's text and variables).
 - `settle` (from the middleware, once the response has gone out): gives back the tokens a request
   was charged but did not use, forgets its rids.
 - `response_headers`: the x-ratelimit-* headers, added by the middleware to every response of a
@@ -442,6 +443,69 @@ async def filter_outputs(request: Request, outputs: list[GenerateOutput]) -> lis
         verdict = await guard.check_output(out.text) if out.text else None
         checked.append(out if verdict is None else _stopped(out, verdict))
     return checked
+
+
+# -- /run programs: the same output filters over the program's text ---------------------------------
+
+
+def _run_stopped(result: dict[str, Any], verdict: Verdict) -> dict[str, Any]:
+    """A /run result whose text a filter flagged: text and variables withheld, and why."""
+    return {**result, "text": "", "variables": {},
+            "finish_reason": {"type": "content_filter", "message": f"{verdict.category}: {verdict.reason}"[:200]}}
+
+
+def _run_texts(result: dict[str, Any]) -> list[str]:
+    """What a /run result shows: its text and its string variables (a fork's gens, joined lists)."""
+    texts = [result.get("text") or ""]
+    for value in (result.get("variables") or {}).values():
+        values = value if isinstance(value, list) else [value]
+        texts += [v for v in values if isinstance(v, str) and v]
+    return [t for t in texts if t]
+
+
+async def filter_run_result(request: Request, result: dict[str, Any]) -> dict[str, Any]:
+    """A whole /run result through the output filters."""
+    guard = _output_filtering(request)
+    if guard is None:
+        return result
+    for text in _run_texts(result):
+        verdict = await guard.check_output(text)
+        if verdict is not None:
+            return _run_stopped(result, verdict)
+    return result
+
+
+async def filter_run_stream(request: Request, events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+    """A streamed /run's events through the output filters: each branch's text is checked as it
+    grows (every `output_check_chars`), the final result as a whole. A flagged program ends with a
+    `done` event whose result is withheld (finish_reason content_filter; the flagged text event is
+    not sent), and the upstream stream is closed, which cancels the program."""
+    guard = _output_filtering(request)
+    if guard is None:
+        async for event in events:
+            yield event
+        return
+    every = guard.settings.safety.output_check_chars
+    texts: dict[tuple[int, ...], str] = {}
+    checked: dict[tuple[int, ...], int] = {}
+    try:
+        async for event in events:
+            if event.get("type") == "text" and event.get("text"):
+                branch = tuple(event.get("branch") or ())
+                text = texts[branch] = texts.get(branch, "") + event["text"]
+                if len(text) - checked.get(branch, 0) >= every:
+                    checked[branch] = len(text)
+                    verdict = await guard.check_output(text)
+                    if verdict is not None:
+                        yield {"type": "done", "result": _run_stopped({"text": "", "variables": {}, "meta": {}}, verdict)}
+                        return
+            elif event.get("type") == "done" and isinstance(event.get("result"), dict):
+                event = {**event, "result": await filter_run_result(request, event["result"])}
+            yield event
+    finally:
+        close = getattr(events, "aclose", None)
+        if close is not None:
+            await close()
 
 
 def server_info_view(request: Request, info: dict[str, Any]) -> dict[str, Any]:

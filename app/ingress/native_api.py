@@ -221,6 +221,7 @@ def _build_requests(
     if isinstance(body.sampling_params, list) and not batched:
         raise InvalidRequestError("sampling_params is a list but the prompt is not", param="sampling_params")
     tenant = getattr(request.state, "tenant", None) or "anonymous"
+    version = gateway.choose_version(request)  # canary: by weight, or X-Model-Version
     base_rid = uuid.uuid4().hex
     requests: list[GenerateRequest] = []
     for i, ids in enumerate(prompts):
@@ -248,6 +249,7 @@ def _build_requests(
                     return_text_in_logprobs=body.return_text_in_logprobs,
                     priority=body.priority or getattr(request.state, "priority", 0),
                     tenant=tenant,
+                    model_version=version,
                 )
             )
     return requests, batched or len(requests) > 1

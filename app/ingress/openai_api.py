@@ -35,21 +35,19 @@ def openai_router(gateway_of) -> APIRouter:
     @router.get("/v1/models")
     async def list_models(request: Request) -> JSONResponse:
         gateway: Gateway = gateway_of(request)
-        return JSONResponse(
-            {
-                "object": "list",
-                "data": [
-                    {
-                        "id": gateway.limits.name,
-                        "object": "model",
-                        "created": int(_START_TIME),
-                        "owned_by": "sglserve",
-                        "root": gateway.limits.model_path,
-                        "max_model_len": gateway.limits.context_length,
-                    }
-                ],
-            }
-        )
+        entry = {
+            "object": "model",
+            "created": int(_START_TIME),
+            "owned_by": "sglserve",
+            "root": gateway.limits.model_path,
+            "max_model_len": gateway.limits.context_length,
+        }
+        data = [{"id": gateway.limits.name, **entry}]
+        if gateway.split is not None:  # canary: each version can be asked for by name@version
+            data += [{"id": f"{gateway.limits.name}@{name}", **entry, "parent": gateway.limits.name,
+                      "root": version.model_path or gateway.limits.model_path, "weight": version.weight}
+                     for name, version in gateway.split.versions.items()]
+        return JSONResponse({"object": "list", "data": data})
 
     @router.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
@@ -71,6 +69,7 @@ _START_TIME = time.time()
 
 
 def _check_model(gateway: Gateway, model: str) -> None:
+    model = gateway.base_model(model)  # `name@version` names the served model too (canary)
     if model not in (gateway.limits.name, gateway.limits.model_path):
         raise NotFoundError(
             f"the model '{model}' does not exist; this server serves '{gateway.limits.name}'",
@@ -252,6 +251,7 @@ def _messages_for_template(body: ChatCompletionRequest) -> list[dict[str, Any]]:
 
 async def _chat(gateway: Gateway, body: ChatCompletionRequest, request: Request):
     _check_model(gateway, body.model)
+    version = gateway.choose_version(request, body.model)
     if body.tools and body.response_format and body.response_format.type != "text":
         raise InvalidRequestError("tools and response_format cannot be combined", param="response_format")
     tool_constraint, forced_tool = _tool_constraint(body)
@@ -275,6 +275,7 @@ async def _chat(gateway: Gateway, body: ChatCompletionRequest, request: Request)
             return_text_in_logprobs=True,
             priority=_priority(body, request),
             tenant=_tenant(request, body),
+            model_version=version,
         )
         for i in range(body.n)
     ]
@@ -389,6 +390,7 @@ def _completion_logprobs(out: GenerateOutput, echo_offset: int, echo: bool) -> d
 
 async def _completions(gateway: Gateway, body: CompletionRequest, request: Request):
     _check_model(gateway, body.model)
+    version = gateway.choose_version(request, body.model)
     if body.suffix is not None:
         raise InvalidRequestError("suffix is not supported", param="suffix", code="unsupported")
     if body.best_of is not None and body.best_of != body.n:
@@ -416,6 +418,7 @@ async def _completions(gateway: Gateway, body: CompletionRequest, request: Reque
                     return_text_in_logprobs=True,
                     priority=_priority(body, request),
                     tenant=_tenant(request, body),
+                    model_version=version,
                 )
             )
     request.state.rid = rid

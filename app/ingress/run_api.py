@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import Field, model_validator
 
+from app.ingress import guard
 from app.ingress.gateway import Gateway
 from app.ingress.sse import opened, sse_event, sse_stream
 from app.lang import parse
@@ -78,18 +79,19 @@ def run_router(gateway_of) -> APIRouter:
             tenant=getattr(request.state, "tenant", None) or "anonymous",
             priority=getattr(request.state, "priority", 0),
             session_id=uuid.uuid4().hex,
+            model_version=gateway.choose_version(request),  # canary: the whole program on one version
         )
         payload = body.model_dump(mode="json")
         if not body.stream:
             result = await gateway.call_scheduler("run_program", route, payload)
-            return JSONResponse(result)
+            return JSONResponse(await guard.filter_run_result(request, result))  # output filters
 
         # The first event (or the error before it) is awaited here, so a full queue or a program
         # refused below the Ingress still gets its status (app/ingress/sse.py).
         source = await opened(gateway.stream_scheduler("run_program_stream", route, payload))
 
         async def events() -> AsyncIterator[str]:
-            async for event in source:
+            async for event in guard.filter_run_stream(request, source):  # output filters
                 yield sse_event(event)
 
         return StreamingResponse(sse_stream(events()), media_type="text/event-stream")

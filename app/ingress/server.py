@@ -34,6 +34,7 @@ from app.jobs.conversion import JobConversion
 from app.logs import configure_ingress_observability, start_request_trace
 
 logger = logging.getLogger("sglserve.ingress")
+MODEL_VERSION_RESPONSE_HEADER = b"x-sglserve-model-version"
 
 # guard_request: rate limits, input filters, abort ownership, before every API route (app/ingress/guard.py)
 api = FastAPI(title="sglserve", docs_url="/docs", redoc_url=None, dependencies=[Depends(guard.guard_request)])
@@ -164,6 +165,9 @@ class RequestContext:
             if message["type"] == "http.response.start":
                 outcome["status"] = message["status"]
                 extra = guard.response_headers(request.state)  # x-ratelimit-* on every response
+                version = getattr(request.state, "model_version", None)  # canary: which version answered
+                if version is not None:
+                    extra = [*extra, (MODEL_VERSION_RESPONSE_HEADER, version.encode("latin-1"))]
                 if extra:
                     message = {**message, "headers": [*message.get("headers", []), *extra]}
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
@@ -270,7 +274,8 @@ def load_model_limits(settings: AppSettings) -> tuple[ModelLimits, Any]:
 
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, scheduler: DeploymentHandle, settings: dict[str, Any], replicas: DeploymentHandle,
+    def __init__(self, scheduler: DeploymentHandle, settings: dict[str, Any],
+                 replicas: DeploymentHandle | dict[str, DeploymentHandle],  # {version: handle} with `models:`
                  job_runner: DeploymentHandle | None = None):  # bound so that Serve deploys it
         app_settings = AppSettings.from_args(settings)
         limits, tokenizer = load_model_limits(app_settings)
@@ -280,6 +285,37 @@ class Ingress:
         _Current.auth = Authenticator(app_settings.security) if app_settings.security.enabled else None
         guard.configure(app_settings, tokenizer)
         logger.info("ingress ready for model %s", json.dumps(limits.name))
+
+    def reconfigure(self, user_config: dict[str, Any] | None) -> None:
+        """Serve's lightweight update: `user_config: {weights: {version: weight}}` on the Ingress
+        deployment moves canary traffic in place (no replica of any deployment restarts).
+
+        Bad weights (an unknown version, all zero) fail the replica's start, so a deploy with them
+        fails visibly; on a live replica they are logged and the current weights kept, since a
+        reconfigure that raises makes Serve replace the replica, and a typo must not take the
+        Ingress down."""
+        try:
+            weights = _user_weights(user_config)
+            if weights is not None and _Current.gateway is not None:
+                _Current.gateway.reweight(weights)
+                logger.info("canary weights now %s", json.dumps(weights, sort_keys=True))
+        except ValueError:
+            if not getattr(self, "_reconfigured", False):
+                raise
+            logger.exception("Ingress user_config refused; the current canary weights stay")
+        self._reconfigured = True
+
+
+def _user_weights(user_config: dict[str, Any] | None) -> dict[str, float] | None:
+    unknown = set(user_config or {}) - {"weights"}
+    if unknown:
+        raise ValueError(f"unknown Ingress user_config keys {sorted(unknown)}; known: ['weights']")
+    weights = (user_config or {}).get("weights")
+    if weights is None:
+        return None
+    if not isinstance(weights, dict):
+        raise ValueError("Ingress user_config.weights must map version names to weights")
+    return {str(k): float(v) for k, v in weights.items()}
 
 
 IngressDeployment = serve.deployment(name="Ingress", max_ongoing_requests=1024)(Ingress)

@@ -24,6 +24,7 @@ from typing import Any
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from app.autoscaling import first_item_within
+from app.canary import version_handles
 from app.config import AppSettings
 from app.engines.base import Tokenizer
 from app.errors import APIError, EngineError, EngineUnavailableError, unwrap_error
@@ -60,7 +61,9 @@ class TicketedStreams:
         self.settings = settings
         self.scheduler = scheduler
         # Made once (a fresh `.options()` handle per request re-initialises routing state).
-        self.replica_streams = replicas.options(stream=True)
+        # One per model version (app/canary.py); a single-model app's one handle is version None.
+        self.version_streams = {v: h.options(stream=True) for v, h in version_handles(replicas).items()}
+        self.replica_streams = next(iter(self.version_streams.values()))
         self.releases = ReleaseBatcher(scheduler, settings.scheduler.ticket_lease_s)
         self.admits: AdmitBatcher | None = None
         if settings.scheduler.batch_admits:
@@ -113,7 +116,7 @@ class TicketedStreams:
             # starts; the first item must come within max_queue_wait_s, else 503 queue_timeout.
             cold_wait_s = None if ticket.replica_id else cfg.max_queue_wait_s
             try:
-                stream = self.replica_streams.generate.remote(current, **target)
+                stream = self.version_streams.get(ticket.version, self.replica_streams).generate.remote(current, **target)
                 async for out in first_item_within(stream, cold_wait_s, request.rid):
                     if splice is not None:
                         out = splice.apply(out)
@@ -155,8 +158,8 @@ class TicketedStreams:
                 if new_ticket.ticket_id != ticket.ticket_id:  # the old lease had lapsed
                     self.releases.release(Outcome(ticket.ticket_id, "replica_failure"))
                     self.releases.track(new_ticket)
-                ticket.ticket_id, ticket.replica_id, ticket.attempt = (
-                    new_ticket.ticket_id, new_ticket.replica_id, new_ticket.attempt)
+                ticket.ticket_id, ticket.replica_id, ticket.attempt, ticket.version = (
+                    new_ticket.ticket_id, new_ticket.replica_id, new_ticket.attempt, new_ticket.version)
 
 
     def _continuation(self, request: GenerateRequest, progress: Progress) -> Splice:

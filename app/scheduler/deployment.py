@@ -23,6 +23,7 @@ from typing import Any
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from app.canary import replica_deployment, version_handles
 from app.config import AppSettings
 from app.errors import APIError, EngineError, unwrap_error
 from app.protocol import GenerateRequest, SamplingParams
@@ -35,14 +36,19 @@ logger = logging.getLogger("sglserve.scheduler")
 
 
 class Scheduler:
-    def __init__(self, replicas: DeploymentHandle, settings: dict[str, Any]):
+    def __init__(self, replicas: DeploymentHandle | dict[str, DeploymentHandle], settings: dict[str, Any]):
         self.settings = AppSettings.from_args(settings)
-        self.office = TicketOffice(self.settings)
+        # Canary (app/canary.py): one ModelReplica deployment per model version; tickets carry
+        # the version and are placed among that version's replicas only.
+        self.handles = version_handles(replicas)
+        self.deployments = {v: replica_deployment(v) for v in self.handles}
+        self.office = TicketOffice(self.settings, deployments=self.deployments)
         self.admission = self.office.admission  # (read by tests and metrics)
         # Broadcasts, aborts, readiness and /run; made now so that its request router starts
         # following the replicas (membership and load) before the first ticket is asked for.
-        self.replicas = replicas
-        self.replica_streams = replicas.options(stream=True)
+        self.streams = {v: h.options(stream=True) for v, h in self.handles.items()}
+        self.replicas = self.handles[self.office.default_version]
+        self.replica_streams = self.streams[self.office.default_version]
 
     # -- the ticket protocol (app/scheduler/tickets.py; decisions in app/scheduler/office.py) --
 
@@ -72,7 +78,7 @@ class Scheduler:
         ticket = await self.admit(route)
         outcome = Outcome(ticket.ticket_id, "error")
         try:
-            result = await self.replicas.run_program.remote(route, body, **self._target(ticket))
+            result = await self.handles[ticket.version].run_program.remote(route, body, **self._target(ticket))
             outcome.status = "finished"
             return result
         except Exception as exc:  # noqa: BLE001 - APIErrors pass through unwrapped
@@ -84,7 +90,7 @@ class Scheduler:
         ticket = await self.admit(route)
         outcome = Outcome(ticket.ticket_id, "error")
         try:
-            async for event in self.replica_streams.run_program_stream.remote(route, body, **self._target(ticket)):
+            async for event in self.streams[ticket.version].run_program_stream.remote(route, body, **self._target(ticket)):
                 yield event
             outcome.status = "finished"
         except Exception as exc:  # noqa: BLE001
@@ -116,7 +122,7 @@ class Scheduler:
             if abort_all:
                 return 0
             return sum(1 for ok in await self._broadcast("abort", rid) if ok)
-        calls = [self.replicas.abort.remote(t.meta.rid, **self._target(t.ticket)) for t in tickets]
+        calls = [self.handles[t.ticket.version].abort.remote(t.meta.rid, **self._target(t.ticket)) for t in tickets]
         results = await asyncio.gather(*calls, return_exceptions=True)
         return sum(1 for r in results if not isinstance(r, BaseException))
 
@@ -126,11 +132,15 @@ class Scheduler:
         return sum(1 for r in results if r)
 
     async def _broadcast(self, method: str, *args: Any) -> list[Any]:
-        """Call `method` on every live replica (the request router honours `target_replica`)."""
-        targets = live_replica_ids("ModelReplica")
-        if not targets:
-            return [await getattr(self.replicas, method).remote(*args)]
-        calls = [getattr(self.replicas, method).remote(*args, target_replica=t) for t in sorted(targets)]
+        """Call `method` on every live replica of every version (the request router honours
+        `target_replica`)."""
+        calls = []
+        for version, handle in self.handles.items():
+            targets = live_replica_ids(self.deployments[version])
+            if not targets:
+                calls.append(getattr(handle, method).remote(*args))
+            else:
+                calls += [getattr(handle, method).remote(*args, target_replica=t) for t in sorted(targets)]
         return list(await asyncio.gather(*calls))
 
     async def server_info(self) -> dict[str, Any]:
@@ -144,32 +154,38 @@ class Scheduler:
         }
 
     async def check_ready(self, timeout_s: float) -> dict[str, Any]:
-        """Readiness: a real 1-token generation through admission and a replica."""
+        """Readiness: a real 1-token generation through admission and a replica, of every model
+        version (a canary that cannot serve is a deployment that is not ready)."""
         started = time.monotonic()
-        probe = GenerateRequest(
-            text="ready?",
-            sampling=SamplingParams(max_new_tokens=1, temperature=0.0),
-            tenant="__readiness__",
-            priority=1_000_000,
-        )
 
-        async def run() -> int:
+        async def run(version: str | None) -> int:
+            probe = GenerateRequest(
+                text="ready?",
+                sampling=SamplingParams(max_new_tokens=1, temperature=0.0),
+                tenant="__readiness__",
+                priority=1_000_000,
+                model_version=version,
+            )
             ticket = await self.admit(probe)
             outcome = Outcome(ticket.ticket_id, "error")
             try:
                 tokens = 0
-                async for out in self.replica_streams.generate.remote(probe, **self._target(ticket)):
+                async for out in self.streams[ticket.version].generate.remote(probe, **self._target(ticket)):
                     tokens = out.completion_tokens
                 outcome.status = "finished"
                 return tokens
             finally:
                 self.release([outcome])
 
-        tokens = await asyncio.wait_for(run(), timeout_s)
-        return {"latency_ms": (time.monotonic() - started) * 1000, "tokens": tokens}
+        tokens = await asyncio.wait_for(asyncio.gather(*(run(v) for v in self.handles)), timeout_s)
+        return {"latency_ms": (time.monotonic() - started) * 1000, "tokens": min(tokens)}
 
     def stats(self) -> dict[str, Any]:
-        return {**self.office.stats(), "replicas": sorted(live_replica_ids("ModelReplica"))}
+        replicas = sorted(r for name in self.deployments.values() for r in live_replica_ids(name))
+        stats = {**self.office.stats(), "replicas": replicas}
+        if None not in self.deployments:
+            stats["versions"] = {v: sorted(live_replica_ids(name)) for v, name in self.deployments.items()}
+        return stats
 
 
 SchedulerDeployment = serve.deployment(name="Scheduler", max_ongoing_requests=4096)(Scheduler)

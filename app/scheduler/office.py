@@ -14,11 +14,11 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any
 
 from app.config import AppSettings
-from app.errors import APIError, EngineError
+from app.errors import APIError, EngineError, NotFoundError
 from app.metrics import SchedulerMetrics
 from app.protocol import GenerateRequest
 from app.scheduler.admission import AdmissionQueue, RequestMeta
@@ -51,8 +51,12 @@ class TicketOffice:
         settings: AppSettings,
         *,
         deployment: str = "ModelReplica",
+        deployments: Mapping[str | None, str] | None = None,
         snapshot: Callable[[str], RoutingSnapshot] = routing_snapshot,
     ) -> None:
+        """`deployments`: model version -> its ModelReplica deployment (app/canary.py); by default
+        one model (version None) served by `deployment`. One admission queue for all versions
+        (`max_concurrent` bounds the application); each version's replicas are placed apart."""
         self.settings = settings
         cfg = settings.scheduler
         self.admission = AdmissionQueue(
@@ -63,8 +67,14 @@ class TicketOffice:
         )
         self.default_priority = settings.security.default_priorities()
         self.concurrency = InFlightLimits(self.admission, settings) if cfg.adaptive_concurrency else None
-        policy = make_policy(cfg.routing_policy, **policy_kwargs(settings))
-        self.dispatcher = Dispatcher(policy, deployment, snapshot=snapshot)
+        deployments = dict(deployments or {None: deployment})
+        self.dispatchers = {
+            version: Dispatcher(make_policy(cfg.routing_policy, **policy_kwargs(settings)), name, snapshot=snapshot)
+            for version, name in deployments.items()
+        }
+        # Requests that name no version (readiness, an untagged call) go to the first version.
+        self.default_version = next(iter(deployments))
+        self.dispatcher = self.dispatchers[self.default_version]
         self.desk = TicketDesk(cfg.ticket_lease_s, prefix=f"{uuid.uuid4().hex[:6]}-")
         self.retries_total = 0
         self.migrations_total = 0
@@ -74,18 +84,29 @@ class TicketOffice:
         self.metrics = SchedulerMetrics(settings.model.name, settings.observability, self.admission)
         self._sweeper: asyncio.Task | None = None
 
+    def version_of(self, request: GenerateRequest) -> str | None:
+        """The version a request is served by: the one it names (checked), else the default."""
+        version = request.model_version
+        if version is None or (None in self.dispatchers and len(self.dispatchers) == 1):
+            return self.default_version
+        if version not in self.dispatchers:
+            raise NotFoundError(f"model version '{version}' does not exist; versions: "
+                                f"{sorted(v for v in self.dispatchers if v)}", param="model", code="model_not_found")
+        return version
+
     async def admit(self, request: GenerateRequest) -> Ticket:
         """Wait for a slot (or raise OverloadedError), then place the request on a replica."""
         self.calls["admit"] += 1
         self._start_sweeper()
+        version = self.version_of(request)
         meta = RequestMeta.from_request(request, self.default_priority)
         await self.metrics.acquire(meta)
         try:
-            replica, routed = self.dispatcher.choose(request)
+            replica, routed = self.dispatchers[version].choose(request)
         except BaseException:
             self.admission.release(0.0)
             raise
-        return self.desk.issue(meta, replica, routed)
+        return self.desk.issue(meta, replica, routed, version)
 
     async def admit_many(self, batch: list[tuple[str, GenerateRequest]]) -> list[AdmitAnswer]:
         """Admit a batch of requests (an Ingress's admits coalesced into one call), each exactly as
@@ -157,13 +178,14 @@ class TicketOffice:
         self.retries_total += 1
         self.migrations_total += int(started)
         self.metrics.record_retry()
-        self.dispatcher.suspect(failed_replica)
+        dispatcher = self.dispatchers[self.version_of(request)]
+        dispatcher.suspect(failed_replica)
         live = self.desk.get(ticket_id)
         if live is None:
             return await self.admit(request)
-        self.dispatcher.completed(live.routed)
+        dispatcher.completed(live.routed)
         exclude = frozenset([failed_replica]) if failed_replica else frozenset()
-        replica, routed = self.dispatcher.choose(request, exclude)
+        replica, routed = dispatcher.choose(request, exclude)
         logger.info("request %s: replica %s failed; placed on %s", request.rid, failed_replica, replica)
         return self.desk.replace(live, replica, routed)
 
@@ -181,7 +203,7 @@ class TicketOffice:
 
     def _free(self, live: LiveTicket, outcome: Outcome | None) -> None:
         self.admission.release(self.desk.hold_s(live))
-        self.dispatcher.completed(live.routed)
+        self.dispatchers.get(live.ticket.version, self.dispatcher).completed(live.routed)
         if outcome is not None and outcome.status == "finished" and self.concurrency is not None:
             self.concurrency.observe_finished(outcome.served_by, outcome.first_token_time, outcome.completion_tokens,
                                               live.admitted_at, outcome.finished_at)
@@ -217,7 +239,8 @@ class TicketOffice:
             "migrations_total": self.migrations_total,
             "in_flight_limits": self.concurrency.stats() if self.concurrency is not None else None,
             "tickets": self.desk.stats(),
-            "routing": self.dispatcher.stats(),
+            "routing": self.dispatcher.stats() if len(self.dispatchers) == 1 else
+                       {str(v): d.stats() for v, d in self.dispatchers.items()},
             "calls": dict(self.calls),
             "admitting": len(self._admitting),
         }

@@ -39,6 +39,7 @@ class Ticket:
     deadline: float | None  # absolute unix time, the request's own
     lease_s: float  # renew within this, or the slot is taken back
     attempt: int = 0  # 0: first placement; n: the n-th placement after a replica failure
+    version: str | None = None  # the model version whose replicas serve it (app/canary.py); None: one model
 
 
 @dataclass
@@ -80,11 +81,12 @@ class TicketDesk:
         self.expired_total = 0
         self.rerouted_total = 0
 
-    def issue(self, meta: RequestMeta, replica_id: str | None, routed: Routed | None) -> Ticket:
+    def issue(self, meta: RequestMeta, replica_id: str | None, routed: Routed | None,
+              version: str | None = None) -> Ticket:
         now = self._clock()
         ticket = Ticket(
             ticket_id=f"{self._prefix}{next(self._ids)}", rid=meta.rid, replica_id=replica_id,
-            priority=meta.priority, deadline=meta.deadline, lease_s=self.lease_s,
+            priority=meta.priority, deadline=meta.deadline, lease_s=self.lease_s, version=version,
         )
         self._live[ticket.ticket_id] = LiveTicket(ticket, meta, routed, now, time.time(), now + self.lease_s)
         self.issued_total += 1

@@ -158,3 +158,158 @@ def test_one_model_replica_deployment_per_version():
     (canary_args,) = deployments["canary"].init_args
     assert canary_args["model"]["model_path"] == "org/next" and canary_args["engine"]["max_running_requests"] == 8
     assert canary_args["models"] == []  # no weights in a replica's args: moving them restarts none
+
+
+# -- wiring: the application graph, without Ray ------------------------------------------------------
+
+
+def _bound(app) -> dict:
+    """deployment name -> its bound deployment (walks the init args, dicts included)."""
+    found: dict = {}
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, (list, tuple)):
+            for value in node:
+                walk(value)
+        elif hasattr(node, "_bound_deployment"):
+            dep = node._bound_deployment
+            found[dep.name] = dep
+            walk(dep.init_args)
+
+    walk(app)
+    return found
+
+
+def test_the_single_model_config_builds_the_same_three_deployments():
+    import yaml
+
+    from app.deployments import build
+    from tests.conftest import REPO
+
+    config = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    args = config["applications"][0]["args"]
+    assert "models" not in args  # the shipped config serves one model
+    settings = AppSettings.from_args(args)
+    deployments = _bound(build(settings))
+    assert set(deployments) == {"Ingress", "Scheduler", "ModelReplica", "JobRunner"}
+    # The Scheduler, Ingress and JobRunner get the one ModelReplica handle itself, as before (not a dict).
+    for name, position in (("Scheduler", 0), ("Ingress", 2), ("JobRunner", 2)):
+        assert deployments[name].init_args[position]._bound_deployment.name == "ModelReplica"
+    assert deployments["Ingress"].user_config is None
+
+
+def test_a_models_config_builds_one_replica_deployment_per_version_handed_over_as_a_dict():
+    from app.deployments import build
+
+    settings = AppSettings.from_args({
+        "model": {"served_model_name": SERVED},
+        "models": [{"name": "stable", "weight": 90}, {"name": "canary", "weight": 10}],
+        "jobs": {"enabled": True},
+    })
+    deployments = _bound(build(settings, {"ModelReplica-canary": {"num_replicas": 2}}))
+    assert set(deployments) == {"Ingress", "Scheduler", "JobRunner", "ModelReplica-stable", "ModelReplica-canary"}
+    assert deployments["ModelReplica-canary"].num_replicas == 2
+    for name, position in (("Scheduler", 0), ("Ingress", 2), ("JobRunner", 2)):
+        handles = deployments[name].init_args[position]
+        assert {v: h._bound_deployment.name for v, h in handles.items()} == {
+            "stable": "ModelReplica-stable", "canary": "ModelReplica-canary"}
+    with pytest.raises(ValueError, match="unknown deployments"):
+        build(settings, {"ModelReplica-v9": {}})
+
+
+def test_the_ticket_office_places_each_version_on_its_own_replicas():
+    import asyncio
+
+    from app.protocol import GenerateRequest
+    from app.scheduler.office import TicketOffice
+    from app.scheduler.ray_router import RoutingSnapshot
+
+    snapshots = {"ModelReplica-stable": RoutingSnapshot({"s1": None, "s2": None}),
+                 "ModelReplica-canary": RoutingSnapshot({"c1": None})}
+    settings = AppSettings.from_args({"models": [{"name": "stable", "weight": 90}, {"name": "canary", "weight": 10}]})
+    office = TicketOffice(settings, deployments={"stable": "ModelReplica-stable", "canary": "ModelReplica-canary"},
+                          snapshot=lambda name: snapshots[name])
+
+    async def run():
+        tickets = [await office.admit(GenerateRequest(input_ids=[i, 2, 3], model_version=v))
+                   for i in range(10) for v in ("stable", "canary")]
+        for t in tickets:
+            assert t.replica_id in ({"c1"} if t.version == "canary" else {"s1", "s2"})
+        # A replica failure is rerouted within the same version.
+        t = tickets[1]
+        again = await office.reroute(t.ticket_id, GenerateRequest(input_ids=[1], model_version="canary"), "c1", False)
+        # (its only replica failed: no ticket replica; the canary handle's own router picks one)
+        assert again.version == "canary" and again.replica_id is None
+        with pytest.raises(NotFoundError):
+            await office.admit(GenerateRequest(input_ids=[1], model_version="v9"))
+        assert office.admission.stats()["in_flight"] == 20  # the refused one holds no slot
+
+    asyncio.run(run())
+
+
+def test_request_metrics_and_the_request_log_carry_the_version():
+    from app.logs import RequestLogPolicy, RequestTrace
+    from app.metrics import IngressMetrics, ObservabilitySettings, SequenceRecord
+
+    created: dict = {}
+
+    class Recording:
+        def __init__(self):
+            self.values, self.default_tags = [], {}
+
+        def set_default_tags(self, tags):
+            self.default_tags = dict(tags)
+
+        def inc(self, value=1.0, tags=None):
+            self.values.append((value, {**self.default_tags, **(tags or {})}))
+
+        set = observe = inc
+
+    def factory(spec, buckets):
+        created[spec.name] = Recording()
+        return created[spec.name]
+
+    metrics = IngressMetrics("m", ObservabilitySettings(), factory)
+    seq = SequenceRecord(received_s=1.0, first_output_s=1.1, last_output_s=1.2, completion_tokens=2,
+                         prompt_tokens=3, finish_reason="stop", version="canary")
+    metrics.record_sequence(seq)
+    metrics.record_http("/v1/completions", 200, "canary")
+    metrics.record_http("/v1/completions", 200)  # a single-model app
+    assert created["num_requests"].values[0][1]["version"] == "canary"
+    assert created["time_to_first_token_seconds"].values[0][1]["version"] == "canary"
+    assert [t["version"] for _, t in created["http_requests"].values] == ["canary", "default"]
+
+    class State:
+        model_version = "canary"
+
+    trace = RequestTrace("r1", "POST", "/v1/completions", 1.0, None, RequestLogPolicy(enabled=True), state=State())
+    assert trace.log_fields(200, False)["model_version"] == "canary"
+
+
+def test_the_ingress_reconfigure_moves_weights_and_a_bad_update_keeps_the_old_ones():
+    import types
+
+    from app.ingress import server
+    from app.ingress.gateway import Gateway
+
+    gateway = Gateway.__new__(Gateway)  # only its split matters here
+    gateway.split = split(stable=90, canary=10)
+    previous, server._Current.gateway = server._Current.gateway, gateway
+    try:
+        replica = types.SimpleNamespace()
+        server.Ingress.reconfigure(replica, {"weights": {"stable": 50, "canary": 50}})
+        assert {n: v.weight for n, v in gateway.split.versions.items()} == {"stable": 50, "canary": 50}
+        # On a live replica a bad update is logged and the current weights stay (no outage) ...
+        server.Ingress.reconfigure(replica, {"weights": {"v9": 100}})
+        server.Ingress.reconfigure(replica, {"weights": {"stable": 0, "canary": 0}})
+        assert {n: v.weight for n, v in gateway.split.versions.items()} == {"stable": 50, "canary": 50}
+        # ... while a replica starting with one fails its start (the deploy fails visibly).
+        with pytest.raises(ValueError, match="unknown"):
+            server.Ingress.reconfigure(types.SimpleNamespace(), {"weights": {"v9": 100}})
+        with pytest.raises(ValueError, match="user_config keys"):
+            server.Ingress.reconfigure(types.SimpleNamespace(), {"model_weights": {}})
+    finally:
+        server._Current.gateway = previous

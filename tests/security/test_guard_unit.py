@@ -176,3 +176,45 @@ def test_request_texts_covers_every_prompt_shape():
     assert texts == ["hi"] and ids == 3 and most == 8
     texts, ids, most = guard.request_texts("/generate", {"input_ids": [5, 6], "sampling_params": {"max_new_tokens": 7}}, s)
     assert texts == [] and ids == 2 and most == 7
+
+
+@pytest.fixture
+def run_filtered():
+    s = AppSettings.from_args({"safety": {"output_filters": [
+        {"callable": "tests.safety.filters:long_output", "settings": {"max_chars": 20}}]}})
+    guard.configure(s, tokenizer=None)
+    yield Request({"type": "http", "method": "POST", "path": "/run", "headers": [], "state": {}})
+    guard._guard = None
+
+
+async def test_output_filters_see_a_run_result(run_filtered):
+    ok = {"text": "short", "variables": {"a": "short"}, "meta": {"engine_calls": 1}}
+    assert await guard.filter_run_result(run_filtered, ok) == ok
+    long_var = {"text": "x", "variables": {"tips": ["fine", "y" * 30]}, "meta": {}}  # a fork's joined gens
+    stopped = await guard.filter_run_result(run_filtered, long_var)
+    assert stopped["finish_reason"]["type"] == "content_filter"
+    assert stopped["text"] == "" and stopped["variables"] == {} and stopped["meta"] == {}
+
+
+async def test_output_filters_end_a_run_stream_with_a_withheld_done_event(run_filtered):
+    closed = []
+
+    async def events():
+        try:
+            for piece in ("Story:", " once upon", " a time there", " was more"):
+                yield {"type": "text", "branch": [], "text": piece}
+            yield {"type": "done", "result": {"text": "never reached", "variables": {}, "meta": {}}}
+        finally:
+            closed.append(True)
+
+    out = [e async for e in guard.filter_run_stream(run_filtered, events())]
+    assert [e["type"] for e in out] == ["text", "text", "done"]  # the piece that crossed 20 chars is withheld
+    assert "".join(e["text"] for e in out[:-1]) == "Story: once upon"
+    assert out[-1]["result"]["finish_reason"]["type"] == "content_filter"
+    assert closed == [True]  # the upstream (the program on its replica) was closed
+
+    async def short():
+        yield {"type": "text", "branch": [], "text": "hi"}
+        yield {"type": "done", "result": {"text": "hi", "variables": {}, "meta": {}}}
+
+    assert [e["type"] async for e in guard.filter_run_stream(run_filtered, short())] == ["text", "done"]

@@ -7,7 +7,7 @@ limits and request owners, keys with scopes, content filters. Real HTTP, real `o
 - Rate limits: a key at twice its limit gets 429s with OpenAI's headers, another key is unaffected,
   the two Ingress replicas together admit one limit's worth.
 - Filters: an injection -> 403 content_filter; an output filter ends a stream with finish_reason
-  content_filter and intact SSE framing; a failing filter -> 503 + Retry-After (closed);
+  content_filter and intact SSE framing (/run's output too, streamed and not); a failing filter -> 503 + Retry-After (closed);
   /v1/moderations through the openai client; a trusted key skips the filters.
 """
 
@@ -304,6 +304,34 @@ def test_an_output_filter_ends_a_stream_with_finish_reason_content_filter(guarde
     whole = client_for(guarded, "filtered").completions.create(
         model=MODEL, prompt="Tell me a long story", max_tokens=400, extra_body={"ignore_eos": True})
     assert whole.choices[0].finish_reason == "content_filter" and whole.choices[0].text == ""
+
+
+RUN_PROGRAM = 'Story:{gen("story", max_tokens=400, min_tokens=300)}'  # > OUTPUT_LIMIT_CHARS generated
+
+
+def test_output_filters_see_run_output_streamed_and_not(guarded):
+    # Non-streaming: the result's text and variables withheld, finish_reason content_filter.
+    r = httpx.post(f"{guarded.base_url}/run", headers=auth("filtered"), timeout=120,
+                   json={"program": RUN_PROGRAM, "sampling": {"temperature": 0}})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["finish_reason"]["type"] == "content_filter" and body["text"] == "" and body["variables"] == {}
+    # Streaming: SSE stays framed, ends with a `done` whose result is withheld, then [DONE]; the
+    # text streamed before the flag stays under the filter's limit (the flagged piece is withheld).
+    with httpx.stream("POST", f"{guarded.base_url}/run", headers=auth("filtered"), timeout=120,
+                      json={"program": RUN_PROGRAM, "stream": True, "sampling": {"temperature": 0}}) as r:
+        assert r.status_code == 200
+        lines = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    events = [json.loads(line) for line in lines[:-1]]
+    assert events[-1]["type"] == "done"
+    assert events[-1]["result"]["finish_reason"]["type"] == "content_filter"
+    streamed = "".join(e.get("text") or "" for e in events if e["type"] == "text")
+    assert 0 < len(streamed) <= OUTPUT_LIMIT_CHARS
+    # A trusted key's program is not filtered.
+    r = httpx.post(f"{guarded.base_url}/run", headers=auth("user"), timeout=120,
+                   json={"program": RUN_PROGRAM, "sampling": {"temperature": 0}})
+    assert r.status_code == 200 and "finish_reason" not in r.json() and len(r.json()["text"]) > OUTPUT_LIMIT_CHARS
 
 
 def test_a_trusted_key_skips_the_filters(guarded):
