@@ -60,6 +60,32 @@ def test_chat_stream_equals_non_stream_greedy(client):
     assert usage is not None and usage.completion_tokens == full.usage.completion_tokens
 
 
+def test_a_stream_of_n_tokens_sends_n_chunks(client):
+    # The replica coalesces tokens for the hop to the Ingress; the client still gets one chunk per
+    # token, as from SGLang's own server (what bench_serving's ITL counts). With logprobs every
+    # token's chunk carries its one logprob entry, even a token whose text is still incomplete.
+    n = 24
+    messages = [{"role": "user", "content": "Count the waves."}]
+    full = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=n, temperature=0,
+                                          extra_body={"ignore_eos": True})
+    assert full.usage.completion_tokens == n
+    chunks = [c for c in client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=n, temperature=0, stream=True, logprobs=True,
+        extra_body={"ignore_eos": True}) if c.choices and c.choices[0].logprobs]
+    assert len(chunks) == n
+    assert all(len(c.choices[0].logprobs.content) == 1 for c in chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == full.choices[0].message.content
+    # /v1/completions too; without logprobs, a chunk for each token that brings text.
+    with_logprobs = [c.choices[0] for c in client.completions.create(
+        model=MODEL, prompt="Count the waves.", max_tokens=n, temperature=0, stream=True, logprobs=0,
+        extra_body={"ignore_eos": True}) if c.choices and c.choices[0].logprobs]
+    assert len(with_logprobs) == n and all(len(c.logprobs.tokens) == 1 for c in with_logprobs)
+    bare = [c.choices[0].text for c in client.completions.create(
+        model=MODEL, prompt="Count the waves.", max_tokens=n, temperature=0, stream=True,
+        extra_body={"ignore_eos": True}) if c.choices and c.choices[0].text]
+    assert bare == [c.text for c in with_logprobs if c.text] and len(bare) >= n // 2
+
+
 def test_completion_and_stream(client):
     full = client.completions.create(model=MODEL, prompt="The river", max_tokens=10, temperature=0)
     assert full.choices[0].text and full.usage.completion_tokens <= 10
