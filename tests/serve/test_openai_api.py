@@ -60,11 +60,28 @@ def test_chat_stream_equals_non_stream_greedy(client):
     assert usage is not None and usage.completion_tokens == full.usage.completion_tokens
 
 
-def test_a_stream_of_n_tokens_sends_n_chunks(client):
+@pytest.fixture(scope="module")
+def coalescing_client(ray_cluster, tiny_model_path):
+    """An app whose replica holds every token after the first text until the stream ends (the
+    coalescing interval is 10 minutes): whatever the machine's speed, the Ingress receives a
+    stream as two increments, the second holding all but the first token (app/streaming.py)."""
+    from ray import serve
+
+    from tests.conftest import deploy, serve_args
+
+    args = serve_args(scheduler={"stream_interval_ms": 600_000, "max_stream_interval_ms": 600_000,
+                                 "decoding_chunk_size": 10_000})
+    app = deploy(ray_cluster, "coalesced", "/coalesced", args,
+                 replica_options={"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.2}})
+    yield openai.OpenAI(base_url=f"{app.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    serve.delete(app.app_name)
+
+
+def test_a_stream_of_n_tokens_sends_n_chunks(coalescing_client):
     # The replica coalesces tokens for the hop to the Ingress; the client still gets one chunk per
     # token, as from SGLang's own server (what bench_serving's ITL counts). With logprobs every
     # token's chunk carries its one logprob entry, even a token whose text is still incomplete.
-    n = 24
+    client, n = coalescing_client, 24
     messages = [{"role": "user", "content": "Count the waves."}]
     full = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=n, temperature=0,
                                           extra_body={"ignore_eos": True})
