@@ -179,7 +179,11 @@ def main() -> None:
     long = long_prompts(tokenizer, 3, args.long_tokens)
     started = time.monotonic()
     result = asyncio.run(interleaved(path, prompts, long, args, levels))
-    minutes = (time.monotonic() - started) / 60
+    write_results(result, args, levels, described, (time.monotonic() - started) / 60)
+
+
+def write_results(result: dict, args, levels: list[int], described: str, minutes: float) -> None:
+    """bench/results/smollm2_engine.md and .png from the rounds measured."""
     rounds = result["rounds"]
 
     def base(row: dict) -> float:  # HF sequential: the mean of the round's two measurements
