@@ -10,12 +10,19 @@ proves it can generate in `check_health`.
 Faults (docs/fault-tolerance.md): the replica publishes `available` in its routing stats, False
 while its engine restarts after a crash (the engine restarts itself, see app/engines/process.py) and
 while the replica drains for a scale-down or redeploy; the request router skips such replicas.
+
+SIGTERM sent straight to the replica's process (not through Serve) drains it too (app/sigterm.py):
+it says unavailable, refuses new requests with a retryable 503 (the Ingress sends them to another
+replica), lets the requests it holds finish within the deployment's graceful_shutdown_timeout_s,
+stops its engine and exits; Serve then starts a replacement. Streams still open when that budget
+runs out fail over as for any replica death (the Ingress migrates them).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -25,9 +32,11 @@ from ray import serve
 from app.autoscaling import RecentRequests, replica_signals
 from app.config import AppSettings
 from app.engines.base import Engine
+from app.errors import EngineUnavailableError
 from app.metrics import ReplicaMetrics
 from app.placement import device_report, prepare_replica_devices
 from app.protocol import EngineStats, FinishReason, GenerateOutput, GenerateRequest, ModelInfo
+from app.sigterm import exit_now, on_sigterm
 from app.streaming import coalesce
 
 logger = logging.getLogger("sglserve.replica")
@@ -44,6 +53,10 @@ class ModelReplica:
         self.settings = AppSettings.from_args(settings)
         self._open_streams = 0
         self._draining = False  # set when Serve stops this replica: no new work, finish what runs
+        self._sigterm_at: float | None = None  # when SIGTERM came (a drain of our own, see below)
+        self._busy = 0  # generations and programs running here
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._recent = RecentRequests()  # TTFTs and completions, for the autoscaling policy
         self._early_aborts: dict[str, float] = {}  # rid -> when an abort came before the request
         try:
@@ -59,6 +72,8 @@ class ModelReplica:
         self.programs = ProgramRunner(self.engine, self.settings.run)
         self.metrics = ReplicaMetrics(self.settings.model.name, self.settings.observability, self.engine.stats)
         self._health_timeout_s = self.settings.ingress.ready_timeout_s
+        loop = asyncio.get_running_loop()
+        on_sigterm(lambda: loop.call_soon_threadsafe(self._on_sigterm))
         logger.info(
             "replica ready: model=%s engine=%s in %.1fs",
             self.settings.model.model_path,
@@ -73,11 +88,13 @@ class ModelReplica:
             yield GenerateOutput(rid=request.rid, finished=True, served_by=self.replica_id,
                                  finish_reason=FinishReason(type="abort", message="aborted by /abort_request"))
             return
+        self._refuse_if_stopping()
         stream = coalesce(
             self.engine.generate(request), max_tokens=self.settings.scheduler.decoding_chunk_size,
             interval_s=self._stream_interval_s,
         )
         self._open_streams += 1
+        self._enter()
         called_at, first = time.monotonic(), True
         try:
             async for out in stream:
@@ -90,6 +107,7 @@ class ModelReplica:
                 yield out
         finally:
             self._open_streams -= 1
+            self._leave()
 
     def _stream_interval_s(self) -> float:
         """How long a stream may hold tokens back, growing with the number of open streams.
@@ -107,13 +125,23 @@ class ModelReplica:
                           target_replica: str | None = None) -> dict[str, Any]:
         """Run a whole /run program on this replica's engine. `route` only carries the routing
         key (the program's leading text) for the request router; the body is the program."""
-        result = await self.programs.run(body)
+        self._refuse_if_stopping()
+        self._enter()
+        try:
+            result = await self.programs.run(body)
+        finally:
+            self._leave()
         return result.model_dump(mode="json")
 
     async def run_program_stream(self, route: GenerateRequest, body: dict[str, Any],
                                  target_replica: str | None = None) -> AsyncIterator[dict[str, Any]]:
-        async for event in self.programs.run_stream(body):
-            yield event.model_dump(mode="json", exclude_none=True)
+        self._refuse_if_stopping()
+        self._enter()
+        try:
+            async for event in self.programs.run_stream(body):
+                yield event.model_dump(mode="json", exclude_none=True)
+        finally:
+            self._leave()
 
     async def abort(self, rid: str, target_replica: str | None = None) -> bool:
         """Abort a request; one that has not reached this replica yet (its ticket was issued, its
@@ -143,7 +171,8 @@ class ModelReplica:
     def server_args(self, target_replica: str | None = None) -> dict[str, Any]:
         # `target_replica` only steers the request router (tests/chaos ask each replica for its
         # engine's pid and restart count).
-        return {**self.engine.server_args(), "available": self.available}
+        return {**self.engine.server_args(), "available": self.available, "replica_pid": os.getpid(),
+                "requests_in_progress": self._busy, "draining_since_sigterm": self._sigterm_at is not None}
 
     async def check_health(self) -> None:
         """Ray Serve's health probe: a real 1-token generation, bounded in time."""
@@ -171,6 +200,51 @@ class ModelReplica:
             **replica_signals(stats.num_running, stats.num_waiting, self._recent),  # app/autoscaling.py
             "kv_usage": stats.num_used_tokens / stats.max_total_tokens if stats.max_total_tokens else 0.0,
         }
+
+    # -- SIGTERM from outside Serve: drain, then exit -------------------------------------------
+
+    def _enter(self) -> None:
+        self._busy += 1
+        self._idle.clear()
+
+    def _leave(self) -> None:
+        self._busy -= 1
+        if self._busy == 0:
+            self._idle.set()
+
+    def _refuse_if_stopping(self) -> None:
+        """New work while draining after SIGTERM goes elsewhere: a retryable 503 (the Ingress
+        retries it on another replica), sent before anything reached the engine."""
+        if self._sigterm_at is not None:
+            raise EngineUnavailableError("this model replica is shutting down (SIGTERM); retry",
+                                         code="replica_draining")
+
+    def _graceful_budget_s(self) -> float:
+        try:  # the deployment's own setting (serve_config.yaml or .options may change it)
+            return float(serve.get_replica_context()._deployment_config.graceful_shutdown_timeout_s)
+        except Exception:  # noqa: BLE001 - outside Serve, or a Serve without the field
+            return GRACEFUL_SHUTDOWN_TIMEOUT_S
+
+    def _on_sigterm(self) -> None:
+        """On the replica's event loop, after SIGTERM reached the process (app/sigterm.py)."""
+        self._draining, self._sigterm_at = True, time.monotonic()
+        self._sigterm_drain = asyncio.get_running_loop().create_task(self._drain_then_exit())
+
+    async def _drain_then_exit(self) -> None:
+        budget = self._graceful_budget_s()
+        logger.warning("SIGTERM: replica %s drains %d request(s) (up to %.0f s), then exits",
+                       self.replica_id, self._busy, budget)
+        try:
+            await asyncio.wait_for(self._idle.wait(), budget)
+        except asyncio.TimeoutError:
+            logger.warning("SIGTERM: %d request(s) still running after %.0f s; exiting (they fail over)",
+                           self._busy, budget)
+        try:
+            await self.engine.shutdown()
+        finally:
+            logger.warning("SIGTERM: replica %s drained in %.1f s; exiting", self.replica_id,
+                           time.monotonic() - self._sigterm_at)
+            exit_now()
 
     async def __del__(self):
         """Graceful shutdown (scale-down, redeploy, `serve shutdown`). Ray Serve has already taken

@@ -87,6 +87,8 @@ def start_ray_serve(throughput_optimized: bool = False, ingress_ports: int = 2, 
     `ingress_ports` ports: each application's ingress takes the next free one (see deploy_app)."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # A request whose Ingress died gets a JSON 503 from Serve's proxy (app/proxy_errors.py).
+    os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "app.proxy_errors.proxy_middlewares")
     port = free_port()
     if throughput_optimized:
         os.environ.update(THROUGHPUT_MODE_ENV)

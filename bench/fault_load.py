@@ -183,6 +183,10 @@ def summarize(outcomes: list[Outcome], fault_at: float | None = None) -> dict[st
         "internal_500": sum(1 for o in outcomes if o.is_500),
         "503_without_retry_after": sum(1 for o in outcomes if o.is_503_without_retry_after),
         "mid_stream_errors": sum(1 for o in outcomes if o.mid_stream_error),
+        # A stream that failed before its first token must get the error as its HTTP status (503 +
+        # Retry-After, 4xx), never a 200 whose only event is the error.
+        "error_events_before_first_token": sum(1 for o in outcomes if o.status == 200 and o.error is not None
+                                               and not o.mid_stream_error and o.error.get("type") != "truncated"),
         "transport_errors": sum(1 for o in outcomes if o.transport_error),
         "badly_shaped": sum(1 for o in outcomes if not o.well_shaped),
         "error_codes": sorted({str((o.error or {}).get("code")) for o in failed if o.error}),

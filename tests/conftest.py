@@ -16,6 +16,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local test cluster; see RE
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")  # metrics reach the scrape port in ~1 s
+# Ray Serve's proxy answers a request whose Ingress died with a JSON 503, not a bare 500
+# (app/proxy_errors.py); read by the proxy process, so set before the cluster starts.
+os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "app.proxy_errors.proxy_middlewares")
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE_DIR = os.environ.get("SGLSERVE_TEST_CACHE", str(REPO / ".cache" / "models"))

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError as PydanticValidatio
 from app.errors import InvalidRequestError, ValidationError
 from app.ingress import guard
 from app.ingress.gateway import Gateway
-from app.ingress.sse import sse_event, sse_stream
+from app.ingress.sse import opened, sse_event, sse_stream
 from app.protocol import GenerateOutput, GenerateRequest, SamplingParams
 from app.streaming import stable_text
 
@@ -137,9 +137,13 @@ def native_router(gateway_of) -> APIRouter:
             items = [render(o, i, o.text, o.token_ids) for i, o in enumerate(outputs)]
             return JSONResponse(items if batched else items[0])
 
+        # The first increment (or the error before it) is awaited here, so such an error still gets
+        # its status (app/ingress/sse.py).
+        source = await opened(guard.filter_stream(request, gateway.stream_many(requests), len(requests)))
+
         async def events() -> AsyncIterator[str]:
             totals: dict[int, GenerateOutput] = {}
-            async for index, out in guard.filter_stream(request, gateway.stream_many(requests), len(requests)):
+            async for index, out in source:
                 total = totals[index] = out if index not in totals else totals[index].merge(out)
                 # Cumulative text (SGLang's default stream), never ending in a broken character.
                 text = stable_text(total.text, total.finished)

@@ -23,7 +23,7 @@ from app.ingress.openai_protocol import (
     ResponseFormat,
     Tool,
 )
-from app.ingress.sse import sse_event, sse_stream
+from app.ingress.sse import opened, sse_event, sse_stream
 from app.protocol import JSON_OBJECT_GRAMMAR, GenerateOutput, GenerateRequest, LogprobEntry, SamplingParams
 from app.streaming import per_token
 
@@ -307,7 +307,9 @@ async def _chat(gateway: Gateway, body: ChatCompletionRequest, request: Request)
         )
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
+    # The first increment (or the error before it) is awaited here, so such an error still gets
+    # its status (app/ingress/sse.py).
+    source = await opened(guard.filter_stream(request, gateway.stream_many(requests), len(requests)))
     chunks_of = _chunker(gateway)
 
     async def events() -> AsyncIterator[str]:
@@ -320,7 +322,7 @@ async def _chat(gateway: Gateway, body: ChatCompletionRequest, request: Request)
             )
         call_ids = {i: f"call_{uuid.uuid4().hex[:24]}" for i in range(body.n)}
         named: set[int] = set()  # choices whose tool call has been introduced (id, name)
-        async for index, whole in guard.filter_stream(request, gateway.stream_many(requests), len(requests)):
+        async for index, whole in source:
             finals[index] = whole if index not in finals else finals[index].merge(whole)
             for out in chunks_of(whole):
                 if out.text or out.output_token_logprobs:
@@ -451,13 +453,16 @@ async def _completions(gateway: Gateway, body: CompletionRequest, request: Reque
         return JSONResponse({**base, "object": "text_completion", "choices": choices, "usage": usage})
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    # The first increment (or the error before it) is awaited here, so such an error still gets
+    # its status (app/ingress/sse.py).
+    source = await opened(guard.filter_stream(request, gateway.stream_many(requests), len(requests)))
     chunks_of = _chunker(gateway)
 
     async def events() -> AsyncIterator[str]:
         chunk = {**base, "object": "text_completion"}
         finals: dict[int, GenerateOutput] = {}
         offsets: dict[int, int] = {}
-        async for index, whole in guard.filter_stream(request, gateway.stream_many(requests), len(requests)):
+        async for index, whole in source:
             finals[index] = whole if index not in finals else finals[index].merge(whole)
             for out in chunks_of(whole):
                 reason = None

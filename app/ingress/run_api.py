@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import Field, model_validator
 
 from app.ingress.gateway import Gateway
-from app.ingress.sse import sse_event, sse_stream
+from app.ingress.sse import opened, sse_event, sse_stream
 from app.lang import parse
 from app.lang.request import RunRequest
 from app.protocol import GenerateRequest, SamplingParams
@@ -84,8 +84,12 @@ def run_router(gateway_of) -> APIRouter:
             result = await gateway.call_scheduler("run_program", route, payload)
             return JSONResponse(result)
 
+        # The first event (or the error before it) is awaited here, so a full queue or a program
+        # refused below the Ingress still gets its status (app/ingress/sse.py).
+        source = await opened(gateway.stream_scheduler("run_program_stream", route, payload))
+
         async def events() -> AsyncIterator[str]:
-            async for event in gateway.stream_scheduler("run_program_stream", route, payload):
+            async for event in source:
                 yield sse_event(event)
 
         return StreamingResponse(sse_stream(events()), media_type="text/event-stream")

@@ -12,6 +12,8 @@ generous deadline), so a slow machine makes it slower, not red.
 
 from __future__ import annotations
 
+import concurrent.futures
+import json
 import os
 import signal
 import time
@@ -32,8 +34,10 @@ SUMMARIES: dict[str, dict] = {}
 
 
 def chaos_args(**ingress) -> dict:
+    # The /run function that holds a request until the test releases it (the SIGTERM drain test).
     return serve_args(scheduler={"max_queue": 64, "max_concurrent": 32, "max_queue_wait_s": 60},
-                      engine={"restart_backoff_s": 0.0}, ingress=ingress)
+                      engine={"restart_backoff_s": 0.0}, ingress=ingress,
+                      run={"function_modules": ["tests.serve.admission_hold_functions"]})
 
 
 def replica_options(num_replicas: int) -> dict:
@@ -111,6 +115,7 @@ def assert_no_internal_errors(summary: dict) -> None:
     assert summary["internal_500"] == 0, summary
     assert summary["503_without_retry_after"] == 0, summary
     assert summary["badly_shaped"] == 0, summary
+    assert summary["error_events_before_first_token"] == 0, summary  # a status instead
 
 
 def routed_calls_succeed(stack) -> bool:
@@ -197,6 +202,71 @@ def test_model_replica_actor_kill_is_recovered_by_serve(chaos):
     assert summary["lost"] <= CLIENTS, summary  # at most what was in flight on it
 
 
+def test_sigterm_to_a_model_replica_drains_it_and_loses_nothing(chaos, tmp_path):
+    """SIGTERM sent straight to a ModelReplica's process (not Serve's stop path) while it holds
+    streamed requests: it stops taking work (new requests go to the other replica), the held
+    streams finish on it once the test releases them, then it exits and Serve replaces it. The
+    requests are held by a /run function until released: no assumption about generation speed."""
+    import psutil
+
+    release = tmp_path / "release-sigterm"
+    held = {"program": f'held: {{hold.until_released("{release}")}}', "stream": True}
+    # Two replicas that serve, known to the Scheduler (the previous test's replacement may still be
+    # starting): the one that is not drained must be able to take the new requests.
+    deadline = time.monotonic() + DEADLINE_S
+    while (live := sorted(chaos.handle("Scheduler").stats.remote().result(timeout_s=60)["replicas"])) != replica_ids() \
+            or len(live) != 2 or not all(server_args_of(chaos, rid)["available"] for rid in live):
+        assert time.monotonic() < deadline, f"two serving replicas never appeared: {live}"
+        time.sleep(0.2)
+    before = {rid: server_args_of(chaos, rid) for rid in live}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        streams = [pool.submit(read_sse, f"{chaos.base_url}/run", held) for _ in range(2)]
+        try:
+            deadline = time.monotonic() + DEADLINE_S
+            while sum((busy := {rid: server_args_of(chaos, rid)["requests_in_progress"]
+                                for rid in before}).values()) < 2:
+                assert time.monotonic() < deadline, f"the held streams never reached the replicas: {busy}"
+                assert not any(f.done() for f in streams), [f.result() for f in streams if f.done()]
+                time.sleep(0.05)
+            victim = max(busy, key=busy.get)  # holds at least one of the streams
+            pid = before[victim]["replica_pid"]
+            migrations = chaos.handle("Scheduler").stats.remote().result(timeout_s=60)["migrations_total"]
+            summary = run_fault(
+                chaos, "replica_sigterm",
+                inject=lambda: os.kill(pid, signal.SIGTERM),
+                # Draining: it says unavailable and still holds its streams (they wait for the release).
+                recovered=lambda: (a := server_args_of(chaos, victim))["draining_since_sigterm"]
+                and not a["available"] and a["requests_in_progress"] == busy[victim],
+            )
+            assert not any(f.done() for f in streams)  # still held on the draining replica
+        finally:
+            release.touch()
+        results = [f.result() for f in streams]
+    assert all(r == (200, "held: released", []) for r in results), results
+    assert_no_internal_errors(summary)
+    assert summary["lost"] == 0, summary  # new requests during the drain were served elsewhere
+    deadline = time.monotonic() + DEADLINE_S
+    while psutil.pid_exists(pid) or victim in replica_ids() or len(replica_ids()) != 2:
+        assert time.monotonic() < deadline, "the drained replica did not exit, or Serve did not replace it"
+        time.sleep(0.2)
+    after = chaos.handle("Scheduler").stats.remote().result(timeout_s=60)["migrations_total"]
+    assert after == migrations, "a stream was migrated: the replica died instead of draining"
+
+
+def read_sse(url: str, body: dict) -> tuple[int, str, list]:
+    """POST a streamed /run request; (status, its text, its error events) once it ends."""
+    text, errors = "", []
+    with httpx.Client(timeout=DEADLINE_S * 2) as client, client.stream("POST", url, json=body) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                event = json.loads(line[len("data: "):])
+                if "error" in event:
+                    errors.append(event["error"])
+                elif event.get("type") == "text" and not event.get("branch"):
+                    text += event.get("text") or ""
+    return resp.status_code, text, errors
+
+
 @pytest.mark.parametrize("deployment", ["Scheduler", "Ingress"])
 def test_scheduler_and_ingress_actor_kills_lose_only_what_was_in_flight(chaos, deployment):
     [victim] = actor_names(deployment)
@@ -209,9 +279,12 @@ def test_scheduler_and_ingress_actor_kills_lose_only_what_was_in_flight(chaos, d
     # kill wait in Serve (the proxy's / the Ingress's handle) for the new replica, and succeed.
     assert summary["lost_in_flight_at_fault"] <= CLIENTS, summary
     assert summary["lost_sent_after_fault"] == 0, summary
-    if deployment == "Scheduler":  # our Ingress answers these, so in OpenAI's shape
-        assert summary["badly_shaped"] == 0, summary
-    # (A dead Ingress's in-flight requests get Ray Serve's proxy's own plain-text 500.)
+    # Our Ingress answers a dead Scheduler's requests; a dead Ingress's unanswered requests get a
+    # JSON 503 from the proxy's middleware (app/proxy_errors.py), not the proxy's plain-text 500.
+    # Streams it had started are cut off (counted as lost, never as a 500).
+    assert summary["badly_shaped"] == 0, summary
+    assert summary["internal_500"] == 0, summary
+    assert summary["503_without_retry_after"] == 0, summary
 
 
 def test_scheduler_kill_is_never_a_500(chaos):

@@ -158,8 +158,16 @@ def _wait_until(predicate, timeout_s: float) -> bool:
 LONG = {"max_tokens": 3000, "ignore_eos": True, "temperature": 0}
 
 
+def _idle_stats(stack):
+    """The replica's counters once nothing runs or waits: a stream an earlier test closed may
+    still be winding down, and its abort must not be counted as this test's."""
+    idle = lambda: (s := stack.replica_stats()).num_running == 0 and s.num_waiting == 0  # noqa: E731
+    assert _wait_until(idle, 60), "an earlier test left the engine busy"
+    return stack.replica_stats()
+
+
 def test_closing_a_stream_aborts_the_request_in_the_engine(stack, client):
-    before = stack.replica_stats()
+    before = _idle_stats(stack)
     stream = client.complete("Once upon a time", stream=True, **LONG)
     pieces = iter(stream)
     for _ in range(3):
@@ -173,7 +181,7 @@ def test_closing_a_stream_aborts_the_request_in_the_engine(stack, client):
 
 
 def test_cancelling_an_async_stream_aborts_the_request(stack):
-    before = stack.replica_stats()
+    before = _idle_stats(stack)
 
     async def consume(started: asyncio.Event):
         async with AsyncClient(stack.base_url, model=MODEL) as c:

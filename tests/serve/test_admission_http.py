@@ -54,6 +54,12 @@ def test_full_queue_is_503_with_retry_after(tiny_queue, tmp_path: Path):
                 time.sleep(0.05)
             refused = httpx.post(f"{tiny_queue.base_url}/v1/completions",
                                  json={"model": MODEL, "prompt": "go", "max_tokens": 1}, timeout=60)
+            refused_streams = [httpx.post(f"{tiny_queue.base_url}{path}", json=body, timeout=60) for path, body in (
+                ("/v1/completions", {"model": MODEL, "prompt": "go", "max_tokens": 1, "stream": True}),
+                ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "go"}],
+                                          "max_tokens": 1, "stream": True}),
+                ("/generate", {"text": "go", "sampling_params": {"max_new_tokens": 1}, "stream": True}),
+            )]
             # Answered while both places are still held: refused at once, it did not wait for one.
             assert not any(f.done() for f in running)
         finally:
@@ -62,5 +68,9 @@ def test_full_queue_is_503_with_retry_after(tiny_queue, tmp_path: Path):
         assert int(refused.headers["retry-after"]) >= 1
         error = refused.json()["error"]
         assert error["type"] == "overloaded_error" and error["message"]
+        for stream in refused_streams:  # refused before a first token: the status, not a 200 stream
+            assert stream.status_code == 503, stream.text
+            assert int(stream.headers["retry-after"]) >= 1
+            assert stream.json()["error"]["type"] == "overloaded_error"
         assert [f.result().status_code for f in running] == [200, 200]
         assert [f.result().json()["text"] for f in running] == ["held: released"] * 2

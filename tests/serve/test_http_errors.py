@@ -105,19 +105,32 @@ def test_invalid_json_schema_is_422(http):
     assert_openai_error(resp, 422)
 
 
-def test_error_inside_a_stream_is_an_error_event(http):
-    """A stream whose request fails validation below the ingress still ends with [DONE] and an error."""
-    with http.stream("POST", "/v1/completions", json={
-        "model": MODEL, "prompt": "x", "stream": True, "regex": "(unclosed",
-    }) as resp:
-        raw = resp.read().decode()
-    if resp.status_code == 200:
-        events = [e for e in raw.split("\n\n") if e]
-        assert events[-1] == "data: [DONE]"
-        assert "error" in json.loads(events[-2][len("data: "):])
-    else:
-        assert_openai_error(resp, resp.status_code)
-        assert resp.status_code == 422
+def test_a_stream_refused_below_the_ingress_gets_a_status_not_an_error_event(http):
+    """The engine refuses the request (input logprobs from token 500 of a 2-token prompt: only the
+    engine knows the prompt's length in tokens) before its first token. The client gets the 400 as
+    the HTTP status with OpenAI's error body, not a 200 stream holding an error event."""
+    body = {"text": "hi", "stream": True, "return_logprob": True, "logprob_start_len": 500,
+            "sampling_params": {"max_new_tokens": 4}}
+    with http.stream("POST", "/generate", json=body) as resp:
+        resp.read()
+    assert resp.headers["content-type"].startswith("application/json")
+    error = assert_openai_error(resp, 400, param="logprob_start_len")
+    assert "500" in error["message"]
+
+
+def test_a_stream_that_cannot_start_is_a_status_on_every_streaming_route(http):
+    """The OpenAI routes too: a grammar that does not compile is refused by the engine's grammar
+    compiler, below the Ingress and before any token, so the stream's answer is that 422."""
+    body = {"model": MODEL, "prompt": "hi", "stream": True, "max_tokens": 4, "regex": "(unclosed"}
+    with http.stream("POST", "/v1/completions", json=body) as resp:
+        resp.read()
+    assert_openai_error(resp, 422)
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 4,
+            "response_format": {"type": "json_schema",
+                                "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}}}
+    with http.stream("POST", "/v1/chat/completions", json=chat) as resp:
+        resp.read()
+    assert_openai_error(resp, 422)
 
 
 def test_health_and_ready(http):

@@ -14,7 +14,15 @@ from typing import Any, Generic, TypeVar
 
 import httpx
 
-from .errors import APIConnectionError, APIError, APITimeoutError, error_from_body, parse_retry_after
+from .errors import (
+    APIConnectionError,
+    APIError,
+    APITimeoutError,
+    JobFailedError,
+    JobTimeoutError,
+    error_from_body,
+    parse_retry_after,
+)
 from .types import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -74,6 +82,32 @@ class Call(Generic[T]):
     headers: dict[str, str] = field(default_factory=dict)
     # The answer IS a job (POST /v1/jobs): a 202 is the result, not a request turned into a job.
     returns_job: bool = False
+
+    @property
+    def needs_model(self) -> bool:
+        """No model was named: the client fills in the server's first one before sending."""
+        return self.body is not None and "model" in self.body and self.body["model"] is None
+
+
+def poll_delays(first_s: float, max_s: float = 5.0) -> Iterator[float]:
+    """Seconds between polls of a job: growing by half each time, up to `max_s`."""
+    delay = first_s
+    while True:
+        yield delay
+        delay = min(delay * 1.5, max_s)
+
+
+def past_deadline(job: Job, deadline: float | None, now: float, next_delay_s: float, timeout: float | None) -> None:
+    """Raise JobTimeoutError when the next poll would land past the caller's deadline."""
+    if deadline is not None and now + next_delay_s > deadline:
+        raise JobTimeoutError(f"job {job.id} is still {job.status} after {timeout}s", job)
+
+
+def job_result(call: Call, job: Job) -> Any:
+    """The answer of a request that the server turned into a job, once the job ended."""
+    if job.status != "succeeded":
+        raise JobFailedError(f"job {job.id} ended {job.status}: {job.error}", job)
+    return call.parse(job.result)
 
 
 def retry_delay_for_status(policy: RetryPolicy, attempt: int, response: httpx.Response) -> float | None:
@@ -222,7 +256,7 @@ def _drop_none(values: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
 
-def chat_call(model: str, messages: Any, stream: bool, system: str | None, extra: dict[str, Any]) -> Call:
+def chat_call(model: str | None, messages: Any, stream: bool, system: str | None, extra: dict[str, Any]) -> Call:
     if isinstance(messages, str):
         messages = [{"role": "user", "content": messages}]
     messages = list(messages)
@@ -233,7 +267,7 @@ def chat_call(model: str, messages: Any, stream: bool, system: str | None, extra
                 decoder=lambda: parse_with(ChatCompletionChunk))
 
 
-def complete_call(model: str, prompt: Any, stream: bool, extra: dict[str, Any]) -> Call:
+def complete_call(model: str | None, prompt: Any, stream: bool, extra: dict[str, Any]) -> Call:
     body = {"model": model, "prompt": prompt, "stream": stream, **_drop_none(extra)}
     return Call("POST", "/v1/completions", parse_with(Completion), body, stream,
                 decoder=lambda: parse_with(Completion))

@@ -11,8 +11,9 @@ import httpx
 
 from . import _core
 from ._core import Call, RetryPolicy
-from .errors import APIConnectionError, APITimeoutError, JobFailedError, JobTimeoutError
-from .types import Job, Model
+from ._methods import ClientMethods
+from .errors import APIConnectionError, APITimeoutError
+from .types import Job
 
 T = TypeVar("T")
 
@@ -62,8 +63,9 @@ async def _sse_data(lines: AsyncIterator[str]) -> AsyncIterator[str]:
         yield payload
 
 
-class AsyncClient:
-    """An asyncio client for one sglserve server; see `Client` for the methods."""
+class AsyncClient(ClientMethods):
+    """An asyncio client for one sglserve server: `Client`'s calls (from `ClientMethods`), each
+    answering an awaitable; streamed ones an `AsyncStream`."""
 
     def __init__(
         self,
@@ -79,17 +81,8 @@ class AsyncClient:
         headers: dict[str, str] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ):
-        self.base_url = _core.resolve_base_url(base_url)
-        self.api_key = _core.resolve_api_key(api_key)
-        self.model = model
-        self.retry = retry or RetryPolicy(max_retries=max_retries)
-        self.job_wait_timeout_s = job_wait_timeout_s
-        self._http = httpx.AsyncClient(
-            base_url=self.base_url,
-            headers=_core.default_headers(self.api_key, headers),
-            timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
-            transport=transport,
-        )
+        super().__init__(base_url, api_key, model, retry, max_retries, job_wait_timeout_s)
+        self._http = httpx.AsyncClient(**self._http_options(timeout_s, connect_timeout_s, headers, transport))
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -100,84 +93,37 @@ class AsyncClient:
     async def __aexit__(self, *exc: Any) -> None:
         await self.aclose()
 
-    # -- generation --------------------------------------------------------------------------
-
-    async def chat(self, messages: Any, *, model: str | None = None, stream: bool = False,
-                   system: str | None = None, **params: Any) -> Any:
-        return await self._call(_core.chat_call(await self._model(model), messages, stream, system, params))
-
-    async def complete(self, prompt: Any, *, model: str | None = None, stream: bool = False,
-                       **params: Any) -> Any:
-        return await self._call(_core.complete_call(await self._model(model), prompt, stream, params))
-
-    async def generate(self, text: Any, *, stream: bool = False,
-                       sampling_params: dict[str, Any] | None = None, **params: Any) -> Any:
-        return await self._call(_core.generate_call(text, stream, sampling_params, params))
-
-    async def run(self, script: Any, *, stream: bool = False, sampling: dict[str, Any] | None = None,
-                  arguments: dict[str, Any] | None = None, **variables: Any) -> Any:
-        return await self._call(_core.run_call(script, stream, {**(arguments or {}), **variables}, sampling))
-
-    # -- information -------------------------------------------------------------------------
-
-    async def models(self) -> list[Model]:
-        return await self._call(_core.models_call())
-
-    async def health(self) -> dict[str, Any]:
-        return await self._call(_core.get_call("/health"))
-
-    async def ready(self) -> dict[str, Any]:
-        return await self._call(_core.get_call("/ready"))
-
-    async def server_info(self) -> dict[str, Any]:
-        return await self._call(_core.get_call("/server_info"))
-
-    async def stream_token(self) -> dict[str, Any]:
-        return await self._call(_core.stream_token_call())
-
     # -- jobs --------------------------------------------------------------------------------
-
-    async def submit(self, path: str, body: dict[str, Any], *, callback_url: str | None = None,
-                     max_wait_s: float | None = None) -> Job:
-        return await self._call(_core.submit_call(path, body, callback_url, max_wait_s))
-
-    async def job(self, job_id: str) -> Job:
-        return await self._call(_core.job_call(job_id))
-
-    async def cancel_job(self, job_id: str) -> Job:
-        return await self._call(_core.cancel_job_call(job_id))
 
     async def wait(self, job_id: str, timeout: float | None = None, *, poll_interval_s: float = 0.5,
                    on_poll: Callable[[Job], None] | None = None) -> Job:
+        """Poll a job until it ends. Raises JobTimeoutError after `timeout` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        delay = poll_interval_s
-        while True:
+        for delay in _core.poll_delays(poll_interval_s):
             job = await self.job(job_id)
             if on_poll is not None:
                 on_poll(job)
             if job.done:
                 return job
-            if deadline is not None and time.monotonic() + delay > deadline:
-                raise JobTimeoutError(f"job {job_id} is still {job.status} after {timeout}s", job)
+            _core.past_deadline(job, deadline, time.monotonic(), delay, timeout)
             await asyncio.sleep(delay)
-            delay = min(delay * 1.5, 5.0)
+        raise AssertionError("unreachable")  # pragma: no cover - poll_delays never ends
 
     # -- plumbing ----------------------------------------------------------------------------
 
-    async def _model(self, model: str | None) -> str:
-        if model is None and self.model is None:
+    async def _default_model(self) -> str:
+        if self.model is None:
             self.model = (await self.models())[0].id
-        return model or self.model  # type: ignore[return-value]
+        return self.model
 
     async def _call(self, call: Call) -> Any:
+        if call.needs_model:
+            call.body["model"] = await self._default_model()  # type: ignore[index]
         response = await self._send(call)
         if call.stream:
             return AsyncStream(response, call)
         if _core.is_job_answer(call, response):
-            job = await self.wait(response.json()["id"], self.job_wait_timeout_s)
-            if job.status != "succeeded":
-                raise JobFailedError(f"job {job.id} ended {job.status}: {job.error}", job)
-            return call.parse(job.result)
+            return _core.job_result(call, await self.wait(response.json()["id"], self.job_wait_timeout_s))
         return call.parse(response.json())
 
     async def _send(self, call: Call) -> httpx.Response:

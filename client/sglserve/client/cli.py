@@ -109,7 +109,7 @@ def _percentile(values: list[float], q: float) -> float:
 def cmd_bench(args: argparse.Namespace) -> int:
     """Closed loop: `concurrency` workers send streamed chats until `requests` are done."""
     with _client(args) as client:
-        client._model(args.model)  # resolve the model once, before the clock starts
+        client.model = args.model or client._default_model()  # resolve the model once, before the clock starts
         bar = ProgressBar(args.requests, "requests")
         ttfts: list[float] = []
         tokens: list[int] = []

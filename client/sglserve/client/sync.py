@@ -10,8 +10,9 @@ import httpx
 
 from . import _core
 from ._core import Call, RetryPolicy
-from .errors import APIConnectionError, APITimeoutError, JobFailedError, JobTimeoutError
-from .types import Job, Model
+from ._methods import ClientMethods
+from .errors import APIConnectionError, APITimeoutError
+from .types import Job
 
 T = TypeVar("T")
 
@@ -53,8 +54,10 @@ class Stream(Generic[T]):
             pass
 
 
-class Client:
-    """A blocking client for one sglserve server.
+class Client(ClientMethods):
+    """A blocking client for one sglserve server. Its calls (chat, complete, generate, run,
+    models, health, ready, server_info, stream_token, submit, job, cancel_job) are in
+    `ClientMethods`; streamed ones answer a `Stream`.
 
     >>> client = Client("http://localhost:8000")          # doctest: +SKIP
     >>> client.chat("Hello!", max_tokens=8).text           # doctest: +SKIP
@@ -74,17 +77,8 @@ class Client:
         headers: dict[str, str] | None = None,
         transport: httpx.BaseTransport | None = None,
     ):
-        self.base_url = _core.resolve_base_url(base_url)
-        self.api_key = _core.resolve_api_key(api_key)
-        self.model = model
-        self.retry = retry or RetryPolicy(max_retries=max_retries)
-        self.job_wait_timeout_s = job_wait_timeout_s
-        self._http = httpx.Client(
-            base_url=self.base_url,
-            headers=_core.default_headers(self.api_key, headers),
-            timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
-            transport=transport,
-        )
+        super().__init__(base_url, api_key, model, retry, max_retries, job_wait_timeout_s)
+        self._http = httpx.Client(**self._http_options(timeout_s, connect_timeout_s, headers, transport))
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -97,96 +91,38 @@ class Client:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    # -- generation --------------------------------------------------------------------------
-
-    def chat(self, messages: Any, *, model: str | None = None, stream: bool = False,
-             system: str | None = None, **params: Any) -> Any:
-        """Chat completion. `messages`: a string (one user turn) or OpenAI's message list;
-        `params`: any OpenAI/SGLang field (max_tokens, temperature, stop, ...)."""
-        return self._call(_core.chat_call(self._model(model), messages, stream, system, params))
-
-    def complete(self, prompt: Any, *, model: str | None = None, stream: bool = False, **params: Any) -> Any:
-        """Text completion (OpenAI's /v1/completions)."""
-        return self._call(_core.complete_call(self._model(model), prompt, stream, params))
-
-    def generate(self, text: Any, *, stream: bool = False, sampling_params: dict[str, Any] | None = None,
-                 **params: Any) -> Any:
-        """SGLang's native /generate. Streamed increments carry only the new text."""
-        return self._call(_core.generate_call(text, stream, sampling_params, params))
-
-    def run(self, script: Any, *, stream: bool = False, sampling: dict[str, Any] | None = None,
-            arguments: dict[str, Any] | None = None, **variables: Any) -> Any:
-        """Run a whole program with /run; keyword arguments become its variables (use
-        `arguments=` for names that clash with this method's own)."""
-        return self._call(_core.run_call(script, stream, {**(arguments or {}), **variables}, sampling))
-
-    # -- information -------------------------------------------------------------------------
-
-    def models(self) -> list[Model]:
-        return self._call(_core.models_call())
-
-    def health(self) -> dict[str, Any]:
-        return self._call(_core.get_call("/health"))
-
-    def ready(self) -> dict[str, Any]:
-        return self._call(_core.get_call("/ready"))
-
-    def server_info(self) -> dict[str, Any]:
-        return self._call(_core.get_call("/server_info"))
-
-    def stream_token(self) -> dict[str, Any]:
-        """A short-lived signed token for `GET /stream` (browsers' EventSource)."""
-        return self._call(_core.stream_token_call())
-
     # -- jobs --------------------------------------------------------------------------------
-
-    def submit(self, path: str, body: dict[str, Any], *, callback_url: str | None = None,
-               max_wait_s: float | None = None) -> Job:
-        """Submit a request as an asynchronous job (POST /v1/jobs)."""
-        return self._call(_core.submit_call(path, body, callback_url, max_wait_s))
-
-    def job(self, job_id: str) -> Job:
-        return self._call(_core.job_call(job_id))
-
-    def cancel_job(self, job_id: str) -> Job:
-        return self._call(_core.cancel_job_call(job_id))
 
     def wait(self, job_id: str, timeout: float | None = None, *, poll_interval_s: float = 0.5,
              on_poll: Callable[[Job], None] | None = None) -> Job:
         """Poll a job until it ends. Raises JobTimeoutError after `timeout` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        delay = poll_interval_s
-        while True:
+        for delay in _core.poll_delays(poll_interval_s):
             job = self.job(job_id)
             if on_poll is not None:
                 on_poll(job)
             if job.done:
                 return job
-            if deadline is not None and time.monotonic() + delay > deadline:
-                raise JobTimeoutError(f"job {job_id} is still {job.status} after {timeout}s", job)
+            _core.past_deadline(job, deadline, time.monotonic(), delay, timeout)
             time.sleep(delay)
-            delay = min(delay * 1.5, 5.0)
+        raise AssertionError("unreachable")  # pragma: no cover - poll_delays never ends
 
     # -- plumbing ----------------------------------------------------------------------------
 
-    def _model(self, model: str | None) -> str:
-        if model is None and self.model is None:
+    def _default_model(self) -> str:
+        if self.model is None:
             self.model = self.models()[0].id
-        return model or self.model  # type: ignore[return-value]
+        return self.model
 
     def _call(self, call: Call) -> Any:
+        if call.needs_model:
+            call.body["model"] = self._default_model()  # type: ignore[index]
         response = self._send(call)
         if call.stream:
             return Stream(response, call)
         if _core.is_job_answer(call, response):
-            return self._job_result(call, response.json()["id"])
+            return _core.job_result(call, self.wait(response.json()["id"], self.job_wait_timeout_s))
         return call.parse(response.json())
-
-    def _job_result(self, call: Call, job_id: str) -> Any:
-        job = self.wait(job_id, self.job_wait_timeout_s)
-        if job.status != "succeeded":
-            raise JobFailedError(f"job {job_id} ended {job.status}: {job.error}", job)
-        return call.parse(job.result)
 
     def _send(self, call: Call) -> httpx.Response:
         """Send with retries; returns a successful response (streamed ones still open)."""
