@@ -124,6 +124,12 @@ class IngressSettings(_Section):
     ready_timeout_s: float = Field(10.0, gt=0)
     default_max_tokens: int = Field(256, gt=0)
     access_log: bool = False
+    # Prompts longer than this (characters) are tokenized / chat-rendered in a thread, off the event
+    # loop; shorter ones inline (a thread hop costs more than they do). -1: always in a thread.
+    tokenize_inline_max_chars: int = Field(2048, ge=-1)
+    # OpenAI streams send one chunk per token, as SGLang does (stream_interval 1), whatever the
+    # replica coalesced for the hop; false: one chunk per coalesced increment (fewer, larger ones).
+    stream_chunk_per_token: bool = True
 
 
 class PlaygroundSettings(_Section):

@@ -179,6 +179,21 @@ class GenerateOutput(BaseModel):
     engine_arrival_time: float | None = None
     first_token_time: float | None = None
     served_by: str | None = None  # the replica that produced the final output (for the scheduler)
+    # Where `text` splits between the tokens of `token_ids` (characters per token), kept when
+    # increments merge so that a stream can still send one chunk per token (OpenAI, as SGLang
+    # does). None: unknown, or obvious (one token owns all the text). See `token_texts`.
+    text_lens: list[int] | None = None
+
+    def token_texts(self) -> list[str] | None:
+        """`text` split by token (one piece per token id), or None where that is not known."""
+        lens = _text_lens(self)
+        if lens is None or len(lens) != len(self.token_ids) or sum(lens) != len(self.text):
+            return None
+        pieces, at = [], 0
+        for n in lens:
+            pieces.append(self.text[at : at + n])
+            at += n
+        return pieces
 
     def merge(self, later: "GenerateOutput") -> "GenerateOutput":
         """Concatenate a later increment of the same request onto this one."""
@@ -208,7 +223,29 @@ class GenerateOutput(BaseModel):
             engine_arrival_time=self.engine_arrival_time or later.engine_arrival_time,
             first_token_time=self.first_token_time or later.first_token_time,
             served_by=later.served_by or self.served_by,
+            text_lens=merged_text_lens(self, later),
         )
+
+
+def _text_lens(out: GenerateOutput) -> list[int] | None:
+    if out.text_lens is not None:
+        return out.text_lens
+    if len(out.token_ids) == 1:
+        return [len(out.text)]
+    return [] if not out.token_ids else None
+
+
+def merged_text_lens(first: GenerateOutput, later: GenerateOutput) -> list[int] | None:
+    """`text_lens` of `first.merge(later)`. Text that came without a token (a held-back tail
+    released at the end) belongs to the token before it, or else to the one after it."""
+    a, b = _text_lens(first), _text_lens(later)
+    if a is None or b is None:
+        return None
+    if not later.token_ids and later.text:
+        return a[:-1] + [a[-1] + len(later.text)] if a else None
+    if not first.token_ids and first.text:
+        return [b[0] + len(first.text)] + b[1:] if b else None
+    return a + b
 
 
 class EngineStats(BaseModel):

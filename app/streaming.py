@@ -82,6 +82,35 @@ async def coalesce(
             await aclose()
 
 
+def per_token(out: GenerateOutput) -> list[GenerateOutput]:
+    """One increment per token of `out`, in order, for streams that send one chunk per token (the
+    OpenAI routes, as SGLang does by default): the coalescing above only saves messages between
+    deployments, it must not change what a client counts. `out` itself where it holds at most one
+    token or where its text cannot be split by token (`GenerateOutput.token_texts`)."""
+    if len(out.token_ids) <= 1:
+        return [out]
+    pieces = out.token_texts()
+    if pieces is None:
+        return [out]
+    last = len(pieces) - 1
+    lps, tops = out.output_token_logprobs, out.output_top_logprobs
+    return [
+        out.model_copy(update={
+            "text": piece,
+            "token_ids": [token_id],
+            "text_lens": None,
+            "finished": out.finished and i == last,
+            "finish_reason": out.finish_reason if i == last else None,
+            "completion_tokens": out.completion_tokens - (last - i),
+            "output_token_logprobs": lps[i : i + 1] if lps is not None else None,
+            "output_top_logprobs": tops[i : i + 1] if tops is not None else None,
+            "input_token_logprobs": out.input_token_logprobs if i == 0 else None,
+            "input_top_logprobs": out.input_top_logprobs if i == 0 else None,
+        })
+        for i, (piece, token_id) in enumerate(zip(pieces, out.token_ids))
+    ]
+
+
 def stable_text(text: str, finished: bool) -> str:
     """`text` without a trailing run of U+FFFD while the stream goes on: such a tail is usually a
     multi-byte character whose remaining bytes are in tokens not decoded yet, and a client must

@@ -152,3 +152,15 @@ def smollm2_model_path() -> str:
     from app.engines.gguf_model import SMOLLM2_MODEL, ensure_gguf_model
 
     return ensure_gguf_model(SMOLLM2_MODEL, CACHE_DIR, progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_model_path):
+    """(tokenizer, model) of SmolLM2 in transformers, float32, loaded once for every test module
+    that compares with HF (tests/engine/test_smollm2_equality.py, tests/smollm2)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_model_path)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_model_path, dtype=torch.float32).eval()
+    return tokenizer, model

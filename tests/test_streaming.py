@@ -6,7 +6,7 @@ import asyncio
 import time
 
 from app.protocol import FinishReason, GenerateOutput
-from app.streaming import coalesce
+from app.streaming import coalesce, per_token
 
 
 def piece(text: str, n: int, finished: bool = False) -> GenerateOutput:
@@ -43,3 +43,34 @@ async def test_held_back_tokens_leave_when_the_interval_runs_out():
     sent = await timed(items + [piece("c", 6, finished=True)], gap_s=0.04, interval_s=0.1)
     assert "".join(out.text for _, out in sent) == "abbbbc"
     assert 2 < len(sent) < 7  # neither one message per token nor all at the end
+
+
+async def test_coalesced_increments_still_split_into_one_per_token():
+    # What the replica merges for the hop (every increment due at once here: interval 10 s), the
+    # Ingress splits again, token by token, with each token's own text and logprob.
+    async def source():
+        for n, text in enumerate(["", "é", "ab", "", "c"], start=1):  # "" : a character in the making
+            yield GenerateOutput(rid="r", text=text, token_ids=[n], completion_tokens=n,
+                                 output_token_logprobs=[(-0.1 * n, n, text)], finished=n == 5,
+                                 finish_reason=FinishReason(type="length", length=5) if n == 5 else None)
+
+    sent = [out async for out in coalesce(source(), max_tokens=100, interval_s=10.0)]
+    assert [out.text for out in sent] == ["", "é", "abc"]  # the last three were merged
+    pieces = [p for out in sent for p in per_token(out)]
+    assert [p.text for p in pieces] == ["", "é", "ab", "", "c"]
+    assert [p.token_ids for p in pieces] == [[1], [2], [3], [4], [5]]
+    assert [p.output_token_logprobs[0][1] for p in pieces] == [1, 2, 3, 4, 5]
+    assert [p.completion_tokens for p in pieces] == [1, 2, 3, 4, 5]
+    assert [p.finished for p in pieces] == [False] * 4 + [True]
+    assert pieces[-1].finish_reason.type == "length" and pieces[2].finish_reason is None
+
+
+def test_text_without_a_token_joins_the_token_before_it_and_unknown_splits_stay_whole():
+    first = GenerateOutput(rid="r", text="a", token_ids=[1])
+    tail = GenerateOutput(rid="r", text="!?", token_ids=[], finished=True)  # a held-back tail
+    merged = first.merge(GenerateOutput(rid="r", text="b", token_ids=[2])).merge(tail)
+    assert merged.token_texts() == ["a", "b!?"]
+    assert [p.text for p in per_token(merged)] == ["a", "b!?"]
+    unknown = GenerateOutput(rid="r", text="xyz", token_ids=[1, 2])  # an engine's own multi-token step
+    assert unknown.token_texts() is None and per_token(unknown) == [unknown]
+    assert first.merge(unknown).token_texts() is None

@@ -20,6 +20,7 @@ from app.canary import TrafficSplit, split_from_settings
 from app.config import AppSettings
 from app.engines.base import Tokenizer
 from app.errors import EngineError, InvalidRequestError
+from app.ingress.prepare import OffLoop, message_chars
 from app.ingress.ticketed import TicketedStreams, as_api_error
 from app.metrics import observe_sequence
 from app.protocol import GenerateOutput, GenerateRequest
@@ -50,6 +51,7 @@ class Gateway:
         self.tokenizer = tokenizer
         self.limits = limits
         self.streams = TicketedStreams(settings, scheduler, replicas, tokenizer)
+        self.off_loop = OffLoop(settings.ingress.tokenize_inline_max_chars)  # long prompts: a thread
         # Canary (app/canary.py): which model version serves a request; None with one model.
         self.split: TrafficSplit | None = split_from_settings(settings)
 
@@ -84,6 +86,29 @@ class Gateway:
         """Tokenize a rendered chat template, adding BOS only if the template did not write it."""
         bos = getattr(getattr(self.tokenizer, "hf", None), "bos_token", None)
         return self.tokenizer.encode(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))
+
+    def _render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[int]:
+        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
+        return self.encode_chat_prompt(prompt)
+
+    # The async forms below are what request handlers call: long inputs are tokenized off the
+    # event loop (app/ingress/prepare.py), short ones inline.
+
+    async def tokenize_async(self, text: str) -> list[int]:
+        return await self.off_loop.call(len(text), self.tokenizer.encode, text)
+
+    async def tokenize_many(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text, in one trip to the pool when they are long together."""
+        return await self.off_loop.call(sum(len(t) for t in texts), lambda: [self.tokenizer.encode(t) for t in texts])
+
+    async def decode_async(self, token_ids: list[int]) -> str:
+        """A prompt given as token ids, as text (skip_special_tokens=False), e.g. for `echo`."""
+        return await self.off_loop.call(
+            len(token_ids) * 4, self.tokenizer.decode, token_ids, skip_special_tokens=False)
+
+    async def chat_prompt_ids(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[int]:
+        """The chat template rendered for `messages` (generation prompt added), tokenized."""
+        return await self.off_loop.call(message_chars(messages, tools), self._render_chat, messages, tools)
 
     def check_prompt(self, input_ids: list[int], max_new_tokens: int, param: str) -> int:
         """Refuse prompts that cannot fit; return max_new_tokens clipped to the context left."""

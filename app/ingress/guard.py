@@ -30,6 +30,7 @@ from starlette.requests import Request
 from starlette.routing import compile_path
 
 from app.errors import APIError, NotFoundError, OverloadedError, PermissionDeniedError, RateLimitError
+from app.ingress.prepare import OffLoop
 from app.ownership import LocalOwners, OwnerRegistry, RedisOwners
 from app.protocol import FinishReason, GenerateOutput, GenerateRequest
 from app.ratelimit import BackendUnavailable, LocalBuckets, RateLimit, RateLimitBackend, RedisBuckets, redis_client
@@ -60,6 +61,7 @@ class Guard:
                  owners: OwnerRegistry | None = None):
         self.settings = settings
         self.tokenizer = tokenizer
+        self.off_loop = OffLoop(settings.ingress.tokenize_inline_max_chars)
         limits = settings.rate_limits
         client = None
         if limits.backend == "redis" and (backend is None or owners is None):
@@ -162,10 +164,11 @@ class Guard:
 
     # -- tokens a request may use ----------------------------------------------------------------
 
-    def count_tokens(self, texts: list[str]) -> int:
+    async def count_tokens(self, texts: list[str]) -> int:
         if self.tokenizer is None:
             return sum(len(t.encode("utf-8")) // 4 + 1 for t in texts)  # ~4 bytes a token
-        return sum(len(self.tokenizer.encode(t)) for t in texts)
+        return await self.off_loop.call(  # long prompts off the event loop (app/ingress/prepare.py)
+            sum(len(t) for t in texts), lambda: sum(len(self.tokenizer.encode(t)) for t in texts))
 
 
 def _filtered(key: ApiKey | None) -> bool:
@@ -282,7 +285,7 @@ async def guard_request(request: Request) -> None:
         await _check_abort(guard, key, body)
     texts, ids_tokens, max_output = request_texts(path, body, guard.settings) if body is not None else ([], 0, 0)
     if limits is not None:
-        tokens = guard.count_tokens(texts) + ids_tokens + max_output if count_tokens else 0
+        tokens = await guard.count_tokens(texts) + ids_tokens + max_output if count_tokens else 0
         await guard.rate_limit(request, key, tokens)
     if filter_input:
         await guard.filter_input(key, texts, PROMPT_PARAM[path])
@@ -395,7 +398,8 @@ def _output_filtering(request: Request) -> Guard | None:
 
 def _stopped(out: GenerateOutput, verdict: Verdict) -> GenerateOutput:
     return out.model_copy(update={
-        "text": "", "token_ids": [], "finished": True, "output_token_logprobs": None, "output_top_logprobs": None,
+        "text": "", "token_ids": [], "text_lens": None, "finished": True, "output_token_logprobs": None,
+        "output_top_logprobs": None,
         "finish_reason": FinishReason(type="content_filter", message=f"{verdict.category}: {verdict.reason}"[:200]),
     })
 

@@ -87,9 +87,12 @@ class Splice:
         token_ids, text = out.token_ids[drop:], out.text[cut:]
         if not token_ids and not text and not out.finished:
             return None
+        pieces = out.token_texts() if (drop or cut) else None
+        lens = [len(p) for p in pieces[drop:]] if pieces is not None else None
         return out.model_copy(update={
             "token_ids": token_ids,
             "text": text,
+            "text_lens": lens if lens is not None and sum(lens) == len(text) else None,
             "output_token_logprobs": out.output_token_logprobs[drop:] if out.output_token_logprobs else out.output_token_logprobs,
             "output_top_logprobs": out.output_top_logprobs[drop:] if out.output_top_logprobs else out.output_top_logprobs,
             "input_token_logprobs": None,

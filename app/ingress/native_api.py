@@ -113,7 +113,7 @@ def native_router(gateway_of) -> APIRouter:
     @router.post("/generate")
     async def generate(body: NativeGenerateBody, request: Request):
         gateway: Gateway = gateway_of(request)
-        requests, batched = _build_requests(gateway, body, request)
+        requests, batched = await _build_requests(gateway, body, request)
         await guard.remember(request, requests)  # the key may abort these rids
         started = time.monotonic()
         with_logprobs = [r.return_logprob for r in requests]
@@ -201,7 +201,7 @@ def native_router(gateway_of) -> APIRouter:
     return router
 
 
-def _build_requests(
+async def _build_requests(
     gateway: Gateway, body: NativeGenerateBody, request: Request
 ) -> tuple[list[GenerateRequest], bool]:
     if (body.text is None) == (body.input_ids is None):
@@ -209,7 +209,7 @@ def _build_requests(
     if body.text is not None:
         batched = isinstance(body.text, list)
         texts = body.text if batched else [body.text]
-        prompts = [gateway.tokenize(t) for t in texts]
+        prompts = await gateway.tokenize_many(texts)
         field = "text"
     else:
         batched = bool(body.input_ids) and isinstance(body.input_ids[0], list)

@@ -8,7 +8,7 @@ with `data: [DONE]`.
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -25,6 +25,7 @@ from app.ingress.openai_protocol import (
 )
 from app.ingress.sse import opened, sse_event, sse_stream
 from app.protocol import JSON_OBJECT_GRAMMAR, GenerateOutput, GenerateRequest, LogprobEntry, SamplingParams
+from app.streaming import per_token
 
 
 
@@ -144,6 +145,12 @@ def _tenant(request: Request, body) -> str:
     return getattr(request.state, "tenant", None) or body.user or "anonymous"
 
 
+def _chunker(gateway: Gateway) -> Callable[[GenerateOutput], list[GenerateOutput]]:
+    """How a streamed increment becomes chunks: one per token (SGLang's default), or as it came
+    from the replica, several tokens at once (`ingress.stream_chunk_per_token: false`)."""
+    return per_token if gateway.settings.ingress.stream_chunk_per_token else (lambda out: [out])
+
+
 def _token_bytes(text: str | None) -> list[int] | None:
     return None if text is None else list(text.encode("utf-8"))
 
@@ -257,10 +264,7 @@ async def _chat(gateway: Gateway, body: ChatCompletionRequest, request: Request)
     tool_constraint, forced_tool = _tool_constraint(body)
     constraint = tool_constraint or _constraint_from_format(body.response_format)
     tools = [t.model_dump() for t in body.tools] if body.tools and body.tool_choice != "none" else None
-    prompt = gateway.tokenizer.apply_chat_template(
-        _messages_for_template(body), add_generation_prompt=True, tools=tools
-    )
-    input_ids = gateway.encode_chat_prompt(prompt)
+    input_ids = await gateway.chat_prompt_ids(_messages_for_template(body), tools)
     wanted = body.max_completion_tokens or body.max_tokens or gateway.settings.ingress.default_max_tokens
     max_new = gateway.check_prompt(input_ids, wanted, param="messages")
     rid = uuid.uuid4().hex
@@ -307,6 +311,7 @@ async def _chat(gateway: Gateway, body: ChatCompletionRequest, request: Request)
     # The first increment (or the error before it) is awaited here, so such an error still gets
     # its status (app/ingress/sse.py).
     source = await opened(guard.filter_stream(request, gateway.stream_many(requests), len(requests)))
+    chunks_of = _chunker(gateway)
 
     async def events() -> AsyncIterator[str]:
         chunk = {**base, "object": "chat.completion.chunk"}
@@ -317,30 +322,32 @@ async def _chat(gateway: Gateway, body: ChatCompletionRequest, request: Request)
                                        "logprobs": None, "finish_reason": None}]}
             )
         call_ids = {i: f"call_{uuid.uuid4().hex[:24]}" for i in range(body.n)}
-        async for index, out in source:
-            finals[index] = out if index not in finals else finals[index].merge(out)
-            if out.text or out.output_token_logprobs:
-                if forced_tool is not None:
-                    first = len(finals[index].text) == len(out.text)
-                    call = {"index": 0, "function": {"arguments": out.text}}
-                    if first:
-                        call.update(id=call_ids[index], type="function")
-                        call["function"]["name"] = forced_tool
-                    delta: dict[str, Any] = {"tool_calls": [call]}
-                else:
-                    delta = {"content": out.text}
-                yield sse_event(
-                    {**chunk, "choices": [{"index": index, "delta": delta,
-                                           "logprobs": _chat_logprobs(out), "finish_reason": None}]}
-                )
-            if out.finished:
-                reason = out.finish_reason.to_openai() if out.finish_reason else "stop"
-                if forced_tool is not None:
-                    reason = "tool_calls"
-                yield sse_event(
-                    {**chunk, "choices": [{"index": index, "delta": {}, "logprobs": None,
-                                           "finish_reason": reason}]}
-                )
+        named: set[int] = set()  # choices whose tool call has been introduced (id, name)
+        async for index, whole in source:
+            finals[index] = whole if index not in finals else finals[index].merge(whole)
+            for out in chunks_of(whole):
+                if out.text or out.output_token_logprobs:
+                    if forced_tool is not None:
+                        call = {"index": 0, "function": {"arguments": out.text}}
+                        if index not in named:
+                            named.add(index)
+                            call.update(id=call_ids[index], type="function")
+                            call["function"]["name"] = forced_tool
+                        delta: dict[str, Any] = {"tool_calls": [call]}
+                    else:
+                        delta = {"content": out.text}
+                    yield sse_event(
+                        {**chunk, "choices": [{"index": index, "delta": delta,
+                                               "logprobs": _chat_logprobs(out), "finish_reason": None}]}
+                    )
+                if out.finished:
+                    reason = out.finish_reason.to_openai() if out.finish_reason else "stop"
+                    if forced_tool is not None:
+                        reason = "tool_calls"
+                    yield sse_event(
+                        {**chunk, "choices": [{"index": index, "delta": {}, "logprobs": None,
+                                               "finish_reason": reason}]}
+                    )
         request.state.usage = _usage(list(finals.values()), len(input_ids))
         if include_usage:
             yield sse_event({**chunk, "choices": [], "usage": request.state.usage})
@@ -351,18 +358,21 @@ async def _chat(gateway: Gateway, body: ChatCompletionRequest, request: Request)
 # -- completions ---------------------------------------------------------------------------------
 
 
-def _prompts(gateway: Gateway, prompt) -> list[tuple[list[int], str]]:
-    """(token ids, text) per prompt for every shape OpenAI allows."""
+async def _prompts(gateway: Gateway, prompt, echo: bool) -> list[tuple[list[int], str]]:
+    """(token ids, text) per prompt for every shape OpenAI allows. The text of a prompt given as
+    token ids is only needed for `echo`."""
     if isinstance(prompt, str):
-        return [(gateway.tokenize(prompt), prompt)]
+        return [(await gateway.tokenize_async(prompt), prompt)]
     if prompt and all(isinstance(p, int) for p in prompt):
-        return [(list(prompt), gateway.tokenizer.decode(list(prompt), skip_special_tokens=False))]
+        prompt = [prompt]
+    texts = [p for p in prompt if isinstance(p, str)]
+    encoded = iter(await gateway.tokenize_many(texts) if texts else [])
     result = []
     for p in prompt:
         if isinstance(p, str):
-            result.append((gateway.tokenize(p), p))
+            result.append((next(encoded), p))
         else:
-            result.append((list(p), gateway.tokenizer.decode(list(p), skip_special_tokens=False)))
+            result.append((list(p), await gateway.decode_async(list(p)) if echo else ""))
     return result
 
 
@@ -397,7 +407,7 @@ async def _completions(gateway: Gateway, body: CompletionRequest, request: Reque
         raise InvalidRequestError("best_of other than n is not supported", param="best_of", code="unsupported")
     if body.echo and body.stream:
         raise InvalidRequestError("echo cannot be combined with stream", param="echo", code="unsupported")
-    prompts = _prompts(gateway, body.prompt)
+    prompts = await _prompts(gateway, body.prompt, body.echo)
     constraint = _constraint_from_format(body.response_format)
     wanted = 16 if body.max_tokens is None else body.max_tokens
     rid = uuid.uuid4().hex
@@ -449,23 +459,25 @@ async def _completions(gateway: Gateway, body: CompletionRequest, request: Reque
     # The first increment (or the error before it) is awaited here, so such an error still gets
     # its status (app/ingress/sse.py).
     source = await opened(guard.filter_stream(request, gateway.stream_many(requests), len(requests)))
+    chunks_of = _chunker(gateway)
 
     async def events() -> AsyncIterator[str]:
         chunk = {**base, "object": "text_completion"}
         finals: dict[int, GenerateOutput] = {}
         offsets: dict[int, int] = {}
-        async for index, out in source:
-            finals[index] = out if index not in finals else finals[index].merge(out)
-            reason = None
-            if out.finished:
-                reason = out.finish_reason.to_openai() if out.finish_reason else "stop"
-            logprobs = _completion_logprobs(out, offsets.get(index, 0), False)
-            offsets[index] = offsets.get(index, 0) + len(out.text)
-            if out.text or reason or logprobs:
-                yield sse_event(
-                    {**chunk, "choices": [{"index": index, "text": out.text, "logprobs": logprobs,
-                                           "finish_reason": reason}]}
-                )
+        async for index, whole in source:
+            finals[index] = whole if index not in finals else finals[index].merge(whole)
+            for out in chunks_of(whole):
+                reason = None
+                if out.finished:
+                    reason = out.finish_reason.to_openai() if out.finish_reason else "stop"
+                logprobs = _completion_logprobs(out, offsets.get(index, 0), False)
+                offsets[index] = offsets.get(index, 0) + len(out.text)
+                if out.text or reason or logprobs:
+                    yield sse_event(
+                        {**chunk, "choices": [{"index": index, "text": out.text, "logprobs": logprobs,
+                                               "finish_reason": reason}]}
+                    )
         request.state.usage = _usage(list(finals.values()), prompt_tokens)
         if include_usage:
             yield sse_event({**chunk, "choices": [], "usage": request.state.usage})

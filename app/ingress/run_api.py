@@ -74,7 +74,7 @@ def run_router(gateway_of) -> APIRouter:
         lead = _leading_text(body.program)
         route = GenerateRequest(
             rid=uuid.uuid4().hex,
-            input_ids=gateway.tokenize(lead) if lead else [0],
+            input_ids=await gateway.tokenize_async(lead) if lead else [0],
             sampling=SamplingParams(max_new_tokens=min(gateway.settings.run.max_total_tokens, 1 << 16)),
             tenant=getattr(request.state, "tenant", None) or "anonymous",
             priority=getattr(request.state, "priority", 0),

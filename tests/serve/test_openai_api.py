@@ -60,6 +60,49 @@ def test_chat_stream_equals_non_stream_greedy(client):
     assert usage is not None and usage.completion_tokens == full.usage.completion_tokens
 
 
+@pytest.fixture(scope="module")
+def coalescing_client(ray_cluster, tiny_model_path):
+    """An app whose replica holds every token after the first text until the stream ends (the
+    coalescing interval is 10 minutes): whatever the machine's speed, the Ingress receives a
+    stream as two increments, the second holding all but the first token (app/streaming.py)."""
+    from ray import serve
+
+    from tests.conftest import deploy, serve_args
+
+    args = serve_args(scheduler={"stream_interval_ms": 600_000, "max_stream_interval_ms": 600_000,
+                                 "decoding_chunk_size": 10_000})
+    app = deploy(ray_cluster, "coalesced", "/coalesced", args,
+                 replica_options={"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.2}})
+    yield openai.OpenAI(base_url=f"{app.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    serve.delete(app.app_name)
+
+
+def test_a_stream_of_n_tokens_sends_n_chunks(coalescing_client):
+    # The replica coalesces tokens for the hop to the Ingress; the client still gets one chunk per
+    # token, as from SGLang's own server (what bench_serving's ITL counts). With logprobs every
+    # token's chunk carries its one logprob entry, even a token whose text is still incomplete.
+    client, n = coalescing_client, 24
+    messages = [{"role": "user", "content": "Count the waves."}]
+    full = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=n, temperature=0,
+                                          extra_body={"ignore_eos": True})
+    assert full.usage.completion_tokens == n
+    chunks = [c for c in client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=n, temperature=0, stream=True, logprobs=True,
+        extra_body={"ignore_eos": True}) if c.choices and c.choices[0].logprobs]
+    assert len(chunks) == n
+    assert all(len(c.choices[0].logprobs.content) == 1 for c in chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == full.choices[0].message.content
+    # /v1/completions too; without logprobs, a chunk for each token that brings text.
+    with_logprobs = [c.choices[0] for c in client.completions.create(
+        model=MODEL, prompt="Count the waves.", max_tokens=n, temperature=0, stream=True, logprobs=0,
+        extra_body={"ignore_eos": True}) if c.choices and c.choices[0].logprobs]
+    assert len(with_logprobs) == n and all(len(c.logprobs.tokens) == 1 for c in with_logprobs)
+    bare = [c.choices[0].text for c in client.completions.create(
+        model=MODEL, prompt="Count the waves.", max_tokens=n, temperature=0, stream=True,
+        extra_body={"ignore_eos": True}) if c.choices and c.choices[0].text]
+    assert bare == [c.text for c in with_logprobs if c.text] and len(bare) >= n // 2
+
+
 def test_completion_and_stream(client):
     full = client.completions.create(model=MODEL, prompt="The river", max_tokens=10, temperature=0)
     assert full.choices[0].text and full.usage.completion_tokens <= 10

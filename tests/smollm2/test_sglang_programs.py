@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import sys
 import types
+from pathlib import Path
 
 import httpx
 import pytest
@@ -96,15 +97,14 @@ def test_program(backend, name):
         # The program ran end to end; only its judgement of the model's answer failed.
 
 
-def test_select_is_the_models_choice(backend, smollm2_stack):
+def test_select_is_the_models_choice(backend, smollm2_stack, smollm2_hf, smollm2_model_path):
     """The frontend picks the option with the best normalized prompt logprob; recompute it with
     transformers on the same texts: the choice the server led to is the model's own."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = httpx.get(f"{smollm2_stack.base_url}/get_model_info", timeout=60).json()["model_path"]
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    assert Path(path).resolve() == Path(smollm2_model_path).resolve()  # the HF model below is the served one
+    tokenizer, model = smollm2_hf
     prefix = ("Determine whether the statement below is True, False, or Unknown.\n"
               "Statement: The capital of France is Pairs.\nAnswer: True\n"
               "Statement: The capital of Canada is Tokyo.\nAnswer:")
@@ -131,7 +131,10 @@ def test_gen_min_new_tokens_equivalent(backend, smollm2_stack):
     from transformers import AutoTokenizer
 
     model_path = backend.get_model_name()
-    min_tokens, max_tokens = 64, 128
+    # SGLang's program asks for 64..128 tokens; the check is only the minimum, so a budget just
+    # above it saves up to 48 tokens of decoding. The model's own answer is ~12 tokens: without
+    # min_tokens honoured this fails just the same.
+    min_tokens, max_tokens = 64, 80
 
     @sgl.function
     def convo(s):

@@ -49,6 +49,7 @@ from app.protocol import (
     LogprobEntry,
     ModelInfo,
     SamplingParams,
+    merged_text_lens,
 )
 
 logger = logging.getLogger(__name__)
@@ -663,4 +664,5 @@ def _merge(a: GenerateOutput, b: GenerateOutput) -> GenerateOutput:
         input_top_logprobs=a.input_top_logprobs or b.input_top_logprobs,
         engine_arrival_time=a.engine_arrival_time or b.engine_arrival_time,
         first_token_time=a.first_token_time or b.first_token_time,
+        text_lens=merged_text_lens(a, b),
     )
