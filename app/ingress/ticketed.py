@@ -65,7 +65,14 @@ class TicketedStreams:
         self.migrations_total = 0
 
     async def stream(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
-        ticket: Ticket = await self.scheduler.admit.remote(request)
+        admitting = self.scheduler.admit.remote(request)
+        try:
+            ticket: Ticket = await admitting
+        except asyncio.CancelledError:
+            # The caller is gone (a client disconnect, a cancelled job) while the request waited
+            # for admission: take it out of the scheduler's queue too, so it never runs.
+            admitting.cancel()
+            raise
         self.releases.track(ticket)
         progress = Progress()
         status = "error"

@@ -14,7 +14,7 @@ from standardwebhooks.webhooks import WebhookVerificationError
 from tests.conftest import deploy
 from tests.jobs.apps import (ALICE, BOB, KEY_ALICE, MODEL, chat_body, get_job, held_program, jobs_app_args,
                              wait_status)
-from tests.jobs.conftest import SECRET, WRONG_SECRET
+from tests.jobs.conftest import SECRET, WRONG_SECRET, wait_until
 
 pytestmark = [pytest.mark.serve, pytest.mark.timeout(900)]  # generous: the machine is shared
 
@@ -115,6 +115,41 @@ def test_direct_jobs_list_and_cancel(app, go):
     for job in queued[1:]:
         assert wait_status(app.base_url, job["id"], ("succeeded", "failed"))["status"] == "succeeded"
     assert get_job(app.base_url, queued[0]["id"])["status"] == "cancelled"  # the late result is dropped
+
+
+def test_a_cancelled_job_still_waiting_for_admission_never_reaches_the_engine(app, go):
+    scheduler, replica = app.handle("Scheduler"), app.handle("ModelReplica")
+    holder = httpx.post(f"{app.base_url}/v1/jobs", json={"path": "/run", "body": held_program(go)},
+                        headers=ALICE, timeout=60).json()
+    wait_status(app.base_url, holder["id"], ("running",))
+    long_prompt = " ".join(f"w{i}" for i in range(700))  # >= 700 prompt tokens: visible in the counters
+    before_engine = replica.stats.remote().result()
+    before = scheduler.stats.remote().result()["admission"]
+    doomed, other = (httpx.post(f"{app.base_url}/v1/jobs", json={"path": "/v1/completions", "body": {
+        "model": MODEL, "prompt": prompt, "max_tokens": 4, "temperature": 0}}, headers=ALICE, timeout=60).json()
+        for prompt in (long_prompt, "short"))
+    # Held state: the program holds the only admission slot, so both jobs wait in the scheduler's queue.
+    wait_until(lambda: scheduler.stats.remote().result()["admission"]["queue_depth"] == before["queue_depth"] + 2,
+               what="both jobs queued for admission")
+
+    assert httpx.post(f"{app.base_url}/v1/jobs/{doomed['id']}/cancel", headers=ALICE,
+                      timeout=30).json()["status"] == "cancelled"
+    # The runner's abort takes it out of the admission queue: it was never admitted.
+    admission = wait_until(lambda: (a := scheduler.stats.remote().result()["admission"])["aborted_total"]
+                           > before["aborted_total"] and a, what="the queued request aborted")
+    assert admission["aborted_total"] == before["aborted_total"] + 1
+    assert admission["queue_depth"] == before["queue_depth"] + 1  # the other job still waits
+
+    go.touch()
+    assert wait_status(app.base_url, other["id"], ("succeeded", "failed"))["status"] == "succeeded"
+    assert wait_status(app.base_url, holder["id"], ("succeeded", "failed"))["status"] == "succeeded"
+    after_engine = replica.stats.remote().result()
+    after = scheduler.stats.remote().result()["admission"]
+    assert get_job(app.base_url, doomed["id"])["status"] == "cancelled"
+    assert after["admitted_total"] - before["admitted_total"] == 1  # the other job only
+    # The engine saw the holder's tail, the short job and health probes, never the 700-token prompt.
+    assert after_engine.prompt_tokens_total - before_engine.prompt_tokens_total < 200
+    assert after_engine.requests_aborted_total == before_engine.requests_aborted_total
 
 
 def test_batch_of_50_with_the_openai_client_matches_one_by_one_runs(app):
