@@ -152,18 +152,44 @@ def test_a_cancelled_job_still_waiting_for_admission_never_reaches_the_engine(ap
     assert after_engine.requests_aborted_total == before_engine.requests_aborted_total
 
 
+def test_direct_job_bodies_are_checked_at_submission_as_their_route_would(app):
+    def submit(path: str, body: dict) -> httpx.Response:
+        return httpx.post(f"{app.base_url}/v1/jobs", json={"path": path, "body": body}, headers=ALICE, timeout=30)
+
+    newest = httpx.get(f"{app.base_url}/v1/jobs?limit=1", headers=ALICE, timeout=30).json()["first_id"]
+    refused = [
+        ("/v1/chat/completions", {"model": MODEL}, 422, "body.messages"),
+        ("/v1/chat/completions", {**chat_body("x"), "temperature": "hot"}, 422, "body.temperature"),
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": -3}, 422, "body.max_tokens"),
+        ("/v1/completions", {"model": "no-such-model", "prompt": "x"}, 404, "body.model"),
+        ("/generate", {"text": "x", "sampling_params": {"temperature": -1}}, 422, "body.sampling_params.temperature"),
+        ("/generate", {"sampling_params": {}}, 400, "body.text"),
+        ("/run", {"program": "Hi {gen("}, 422, "body.program"),
+    ]
+    for path, body, status, param in refused:
+        error = assert_error(submit(path, body), status)
+        assert error["param"] == param, (path, body, error)
+    # Nothing was stored for them; a valid body still becomes a job.
+    assert httpx.get(f"{app.base_url}/v1/jobs?limit=1", headers=ALICE, timeout=30).json()["first_id"] == newest
+    ok = submit("/generate", {"text": "x", "sampling_params": {"max_new_tokens": 2, "temperature": 0}})
+    assert ok.status_code == 202, ok.text
+    assert wait_status(app.base_url, ok.json()["id"], ("succeeded", "failed"))["status"] == "succeeded"
+
+
 def test_batch_of_50_with_the_openai_client_matches_one_by_one_runs(app):
     client = openai.OpenAI(base_url=f"{app.base_url}/v1", api_key=KEY_ALICE, max_retries=0, timeout=120)
     bodies = {f"req-{i}": chat_body(f"Tell me about the number {i}.", max_tokens=6) for i in range(50)}
     lines = [{"custom_id": cid, "method": "POST", "url": "/v1/chat/completions", "body": body}
              for cid, body in bodies.items()]
     lines.append({"custom_id": "bad", "method": "POST", "url": "/v1/embeddings", "body": {}})  # 51st: bad
+    lines.append({"custom_id": "bad-body", "method": "POST", "url": "/v1/chat/completions",
+                  "body": {"model": MODEL}})  # 52nd: its route would refuse it (no messages)
     data = "\n".join(json.dumps(line) for line in lines).encode()
     uploaded = client.files.create(file=("batch.jsonl", data), purpose="batch")
     assert uploaded.bytes == len(data) and client.files.retrieve(uploaded.id).purpose == "batch"
     batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
                                   completion_window="24h", metadata={"run": "test"})
-    assert batch.status == "in_progress" and batch.request_counts.total == 51
+    assert batch.status == "in_progress" and batch.request_counts.total == 52
 
     import time
     deadline = time.monotonic() + 600
@@ -171,13 +197,14 @@ def test_batch_of_50_with_the_openai_client_matches_one_by_one_runs(app):
         time.sleep(0.5)
         batch = client.batches.retrieve(batch.id)
     assert batch.status == "completed", batch
-    assert (batch.request_counts.completed, batch.request_counts.failed) == (50, 1)
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (50, 2)
     assert batch.id in [b.id for b in client.batches.list()]
 
     output = [json.loads(l) for l in client.files.content(batch.output_file_id).text.splitlines()]
     errors = [json.loads(l) for l in client.files.content(batch.error_file_id).text.splitlines()]
-    assert [e["custom_id"] for e in errors] == ["bad"] and errors[0]["response"] is None
+    assert [e["custom_id"] for e in errors] == ["bad", "bad-body"] and errors[0]["response"] is None
     assert "url must be" in errors[0]["error"]["message"]
+    assert errors[1]["response"] is None and "body.messages" in errors[1]["error"]["message"]
     by_id = {o["custom_id"]: o for o in output}
     assert set(by_id) == set(bodies)
     for cid, body in bodies.items():
