@@ -80,6 +80,7 @@ def run_router(gateway_of) -> APIRouter:
             session_id=uuid.uuid4().hex,
         )
         payload = body.model_dump(mode="json")
+        request.state.rid = route.rid  # an abort (a cancelled job) takes it out of the admission queue
         if not body.stream:
             result = await gateway.call_scheduler("run_program", route, payload)
             return JSONResponse(result)

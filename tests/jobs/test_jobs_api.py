@@ -128,16 +128,19 @@ def test_a_cancelled_job_still_waiting_for_admission_never_reaches_the_engine(ap
     doomed, other = (httpx.post(f"{app.base_url}/v1/jobs", json={"path": "/v1/completions", "body": {
         "model": MODEL, "prompt": prompt, "max_tokens": 4, "temperature": 0}}, headers=ALICE, timeout=60).json()
         for prompt in (long_prompt, "short"))
-    # Held state: the program holds the only admission slot, so both jobs wait in the scheduler's queue.
-    wait_until(lambda: scheduler.stats.remote().result()["admission"]["queue_depth"] == before["queue_depth"] + 2,
-               what="both jobs queued for admission")
+    doomed_run = httpx.post(f"{app.base_url}/v1/jobs", headers=ALICE, timeout=60, json={"path": "/run", "body": {
+        "program": long_prompt + ' {gen("x", max_tokens=4, temperature=0)}'}}).json()
+    # Held state: the program holds the only admission slot, so the three jobs wait in the scheduler's queue.
+    wait_until(lambda: scheduler.stats.remote().result()["admission"]["queue_depth"] == before["queue_depth"] + 3,
+               what="the jobs queued for admission")
 
-    assert httpx.post(f"{app.base_url}/v1/jobs/{doomed['id']}/cancel", headers=ALICE,
-                      timeout=30).json()["status"] == "cancelled"
-    # The runner's abort takes it out of the admission queue: it was never admitted.
+    for job in (doomed, doomed_run):
+        assert httpx.post(f"{app.base_url}/v1/jobs/{job['id']}/cancel", headers=ALICE,
+                          timeout=30).json()["status"] == "cancelled"
+    # The runner's abort takes them out of the admission queue: they were never admitted.
     admission = wait_until(lambda: (a := scheduler.stats.remote().result()["admission"])["aborted_total"]
-                           > before["aborted_total"] and a, what="the queued request aborted")
-    assert admission["aborted_total"] == before["aborted_total"] + 1
+                           >= before["aborted_total"] + 2 and a, what="the queued requests aborted")
+    assert admission["aborted_total"] == before["aborted_total"] + 2
     assert admission["queue_depth"] == before["queue_depth"] + 1  # the other job still waits
 
     go.touch()
@@ -145,9 +148,9 @@ def test_a_cancelled_job_still_waiting_for_admission_never_reaches_the_engine(ap
     assert wait_status(app.base_url, holder["id"], ("succeeded", "failed"))["status"] == "succeeded"
     after_engine = replica.stats.remote().result()
     after = scheduler.stats.remote().result()["admission"]
-    assert get_job(app.base_url, doomed["id"])["status"] == "cancelled"
+    assert [get_job(app.base_url, j["id"])["status"] for j in (doomed, doomed_run)] == ["cancelled"] * 2
     assert after["admitted_total"] - before["admitted_total"] == 1  # the other job only
-    # The engine saw the holder's tail, the short job and health probes, never the 700-token prompt.
+    # The engine saw the holder's tail, the short job and health probes, never a 700-token prompt.
     assert after_engine.prompt_tokens_total - before_engine.prompt_tokens_total < 200
     assert after_engine.requests_aborted_total == before_engine.requests_aborted_total
 
@@ -167,7 +170,10 @@ def test_direct_job_bodies_are_checked_at_submission_as_their_route_would(app):
         ("/run", {"program": "Hi {gen("}, 422, "body.program"),
     ]
     for path, body, status, param in refused:
-        error = assert_error(submit(path, body), status)
+        response = submit(path, body)
+        assert response.status_code == status, (path, body, response.text)
+        error = response.json()["error"]  # OpenAI's shape (/run's also gives the line and column)
+        assert {"message", "type", "param", "code"} <= set(error) and error["message"]
         assert error["param"] == param, (path, body, error)
     # Nothing was stored for them; a valid body still becomes a job.
     assert httpx.get(f"{app.base_url}/v1/jobs?limit=1", headers=ALICE, timeout=30).json()["first_id"] == newest
