@@ -71,10 +71,15 @@ def test_queued_chat_and_native_requests_convert_and_a_fast_one_does_not(app, re
     fast = httpx.post(f"{app.base_url}/v1/chat/completions", json=chat_body("hi"), headers=ALICE, timeout=120)
     assert fast.status_code == 200 and fast.json()["object"] == "chat.completion"
 
+    scheduler = app.handle("Scheduler")
+    admitted = scheduler.stats.remote().result()["admission"]["admitted_total"]
     holder = httpx.post(f"{app.base_url}/v1/jobs", json={"path": "/run", "body": held_program(go)},
                         headers=ALICE, timeout=60)
     assert holder.status_code == 202, holder.text
     wait_status(app.base_url, holder.json()["id"], ("running",))
+    # "running" means a runner claimed it; wait until the program holds the scheduler's only slot.
+    wait_until(lambda: scheduler.stats.remote().result()["admission"]["admitted_total"] > admitted,
+               what="the program admitted")
     # The only admission slot is held by the program above, so this one waits past its 0.5 s.
     slow = httpx.post(f"{app.base_url}/v1/chat/completions",
                       json={**chat_body("hi"), "callback_url": receiver.url},
