@@ -57,6 +57,10 @@ class EngineSettings(_Section):
     chunked_prefill_size: int = Field(512, gt=0)  # -1 in SGLang disables; here: a huge value
     max_prefill_tokens: int = Field(4096, gt=0)
     schedule_policy: Literal["fcfs", "lpm"] = "lpm"
+    # Embedded engine: requests of higher priority prefill first, and while one waits or runs,
+    # running requests of lower priority (batch lines) pause: they keep their KV and resume when
+    # it has gone, so they never slow an interactive request's steps.
+    priority_scheduling: bool = True
     disable_radix_cache: bool = False
     torch_threads: int | None = Field(None, gt=0)  # embedded engine; None: torch's default
     # Embedded engine: run it in a child process of the replica, with a GIL of its own, so that Ray

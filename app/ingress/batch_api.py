@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict
 
 from app.errors import InvalidRequestError, NotFoundError, PayloadTooLargeError, ValidationError
+from app.ingress.job_bodies import body_problem
 from app.ingress.jobs_api import job_service, owner_of
 from app.jobs.batches import batch_lines, check_jsonl
 from app.jobs.models import BATCH_ENDPOINTS, Batch, FileObject, new_id
@@ -26,6 +27,7 @@ class BatchCreate(BaseModel):
     endpoint: str
     completion_window: str = "24h"
     metadata: dict[str, str] | None = None
+    callback_url: str | None = None  # sglserve's extension (openai: extra_body); or X-Callback-URL
 
 
 async def owned_file(service: JobService, request: Request, file_id: str) -> FileObject:
@@ -99,6 +101,7 @@ def batch_router(gateway_of) -> APIRouter:
                                   param="endpoint", code="invalid_endpoint")
         if body.completion_window != "24h":
             raise ValidationError("completion_window must be '24h'", param="completion_window")
+        callback = await service.callback({"callback_url": body.callback_url}, request.headers.get("x-callback-url"))
         meta = await owned_file(service, request, body.input_file_id)
         if meta.purpose != "batch":
             raise InvalidRequestError(f"file {meta.id} has purpose {meta.purpose!r}, not 'batch'",
@@ -106,9 +109,12 @@ def batch_router(gateway_of) -> APIRouter:
         data = await service.store.get_blob(meta.id) or b""
         now = time.time()
         batch = Batch(id=new_id("batch"), owner=owner_of(request), endpoint=body.endpoint,
-                      input_file_id=meta.id, metadata=body.metadata, in_progress_at=now, check_at=now)
+                      input_file_id=meta.id, metadata=body.metadata, in_progress_at=now, check_at=now,
+                      callback=callback)
+        gateway = gateway_of(request)
         lines = batch_lines(data, batch, identity_of(request.scope.get("state", {})),
-                            service.settings.batch_priority)
+                            service.settings.batch_priority,
+                            check=lambda line_body: body_problem(gateway, batch.endpoint, line_body))
         batch.total = len(lines)
         batch.request_counts = {"total": batch.total, "completed": 0, "failed": 0}
         await service.store.insert("line", lines)

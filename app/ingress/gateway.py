@@ -143,9 +143,15 @@ class Gateway:
             raise as_api_error(exc) from None
 
     async def call_scheduler(self, method: str, *args: Any) -> Any:
-        """A unary scheduler call; errors from below come out as APIError."""
+        """A unary scheduler call; errors from below come out as APIError. A caller that is
+        cancelled (a cancelled job) cancels the call in the scheduler too (e.g. its wait for
+        admission: the request never runs)."""
+        response = getattr(self.scheduler, method).remote(*args)
         try:
-            return await getattr(self.scheduler, method).remote(*args)
+            return await response
+        except asyncio.CancelledError:
+            response.cancel()
+            raise
         except Exception as exc:  # noqa: BLE001
             raise as_api_error(exc) from None
 

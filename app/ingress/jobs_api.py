@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.errors import APIError, NotFoundError, ValidationError
 from app.ingress.gateway import Gateway
+from app.ingress.job_bodies import check_job_body
 from app.jobs.models import JOB_PATHS, Job
 from app.jobs.service import JobService, identity_of
 
@@ -77,6 +78,7 @@ def jobs_router(gateway_of) -> APIRouter:
         if submission.callback_url is not None:
             body["callback_url"] = submission.callback_url
         callback = await service.callback(body, request.headers.get("x-callback-url"))
+        check_job_body(gateway_of(request), submission.path, body)  # 4xx now, as the route would answer
         job = service.new_job(submission.path, body, identity_of(request.scope.get("state", {})), callback)
         await service.store.insert("job", [job])
         return JSONResponse(job.public(), status_code=202, headers={"Location": location(request, job.id)})

@@ -82,6 +82,7 @@ def run_router(gateway_of) -> APIRouter:
             model_version=gateway.choose_version(request),  # canary: the whole program on one version
         )
         payload = body.model_dump(mode="json")
+        request.state.rid = route.rid  # an abort (a cancelled job) takes it out of the admission queue
         if not body.stream:
             result = await gateway.call_scheduler("run_program", route, payload)
             return JSONResponse(await guard.filter_run_result(request, result))  # output filters

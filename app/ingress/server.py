@@ -75,8 +75,8 @@ def _error_response(error: APIError, request: Request | None = None) -> JSONResp
 def _field_path(loc: tuple[Any, ...]) -> str:
     """('body', 'messages', 0, 'role') -> 'messages[0].role'."""
     path = ""
-    for part in loc:
-        if part == "body" and not path:
+    for i, part in enumerate(loc):
+        if i == 0 and part == "body":  # FastAPI's own prefix (a job's body names its field "body")
             continue
         if isinstance(part, int):
             path += f"[{part}]"

@@ -80,9 +80,17 @@ class TicketedStreams:
 
     async def stream(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
         if self.admits is not None:
+            # Batched (app/ingress/admits.py): a caller that goes away is taken out of the queue there.
             ticket = await self.admits.admit(request)
         else:
-            ticket = await self.scheduler.admit.remote(request)
+            admitting = self.scheduler.admit.remote(request)
+            try:
+                ticket = await admitting
+            except asyncio.CancelledError:
+                # The caller is gone (a client disconnect, a cancelled job) while the request waited
+                # for admission: take it out of the scheduler's queue too, so it never runs.
+                admitting.cancel()
+                raise
         self.releases.track(ticket)
         progress = Progress()
         status = "error"

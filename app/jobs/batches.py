@@ -2,8 +2,8 @@
 
 Input: JSONL, one `{"custom_id", "method": "POST", "url", "body"}` per line. A file that is not
 JSONL is refused at upload (400 naming the line); a line that is JSON but not a valid request
-(wrong url, no custom_id, a duplicate custom_id, `stream: true`) does not fail the batch: it goes
-to the error file. Output, as OpenAI writes it: one line per request,
+(wrong url, no custom_id, a duplicate custom_id, `stream: true`, a body its route would refuse)
+does not fail the batch: it goes to the error file. Output, as OpenAI writes it: one line per request,
 `{"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}`; 2xx responses go
 to the output file, the rest (and the lines that never ran) to the error file.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 from app.errors import InvalidRequestError, PayloadTooLargeError
@@ -62,8 +63,10 @@ def _line_problem(item: dict[str, Any], endpoint: str, seen: set[str]) -> str | 
     return None
 
 
-def batch_lines(data: bytes, batch: Batch, identity: Identity, priority: int) -> list[Job]:
-    """One job per input line: queued if it is a valid request, failed at once if not."""
+def batch_lines(data: bytes, batch: Batch, identity: Identity, priority: int,
+                check: Callable[[dict[str, Any]], str | None] | None = None) -> list[Job]:
+    """One job per input line: queued if it is a valid request, failed at once if not. `check`
+    says what the endpoint's route would refuse in a line's body (app.ingress.job_bodies)."""
     jobs, seen = [], set()
     now = time.time()
     for number, raw in enumerate(data.decode("utf-8").splitlines(), start=1):
@@ -71,6 +74,8 @@ def batch_lines(data: bytes, batch: Batch, identity: Identity, priority: int) ->
             continue
         item = json.loads(raw)
         problem = _line_problem(item, batch.endpoint, seen)
+        if problem is None and check is not None:
+            problem = check(item["body"])
         custom_id = item.get("custom_id") if isinstance(item.get("custom_id"), str) else None
         job = Job(id=new_id("batch_req"), owner=batch.owner, path=batch.endpoint,
                   body=item.get("body") if problem is None else {}, identity=identity, priority=priority,
@@ -107,7 +112,10 @@ def result_files(batch: Batch, lines: list[Job]) -> tuple[tuple[FileObject, byte
         if not rows:
             return None
         data = ("\n".join(rows) + "\n").encode()
-        meta = FileObject(id=new_id("file"), owner=batch.owner, filename=f"{batch.id}_{suffix}.jsonl",
+        # The id follows from the batch's: a finalization taken over after its runner died
+        # rewrites the same file, never makes a second one.
+        meta = FileObject(id=f"file_{batch.id.removeprefix('batch_')}_{suffix}", owner=batch.owner,
+                          filename=f"{batch.id}_{suffix}.jsonl",
                           purpose="batch_output", bytes=len(data))
         return meta, data
 

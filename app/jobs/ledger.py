@@ -16,7 +16,7 @@ import random
 import time
 from collections.abc import Callable
 
-from app.jobs.models import Callback, Job
+from app.jobs.models import Batch, Callback, Job
 from app.jobs.settings import JobsSettings
 from app.jobs.store import JobStore
 
@@ -36,7 +36,7 @@ class Ledger:
                 return None
             if await self.store.replace(kind, current):
                 return current
-            current = await self.store.get(kind, job.id, Job)
+            current = await self.store.get(kind, job.id, type(job))
         return None
 
     async def claim(self, kind: str, job: Job, worker: str) -> Job | None:
@@ -104,7 +104,7 @@ class Ledger:
 
     # -- callbacks ---------------------------------------------------------------------------------
 
-    async def claim_callback(self, job: Job, worker: str) -> Job | None:
+    async def claim_callback(self, job: Job | Batch, worker: str, kind: str = "job") -> Job | Batch | None:
         def take(j: Job) -> bool:
             now = time.time()
             if not j.terminal or j.callback is None or j.callback.status != "pending":
@@ -114,9 +114,10 @@ class Ledger:
             j.lease_owner, j.lease_until = worker, now + self.settings.lease_s
             return True
 
-        return await self._change("job", job, take)
+        return await self._change(kind, job, take)
 
-    async def callback_attempted(self, job: Job, worker: str, error: str | None) -> Job | None:
+    async def callback_attempted(self, job: Job | Batch, worker: str, error: str | None,
+                                 kind: str = "job") -> Job | Batch | None:
         """Record one delivery attempt: delivered, retried later (backoff + jitter) or given up."""
         cfg = self.settings
 
@@ -136,7 +137,7 @@ class Ledger:
                 cb.next_at = now + backoff_s(cb.attempts, cfg.callback_backoff_s, cfg.callback_max_backoff_s)
             return True
 
-        return await self._change("job", job, record)
+        return await self._change(kind, job, record)
 
 
 def backoff_s(attempt: int, base_s: float, cap_s: float) -> float:

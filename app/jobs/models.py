@@ -157,10 +157,27 @@ class Batch(Record):
     finished_at: float | None = None
     request_counts: dict[str, int] = Field(default_factory=lambda: {"total": 0, "completed": 0, "failed": 0})
     check_at: float = 0.0  # when the runner looks at its lines next
+    # The runner that finalizes the batch (writes its files) or delivers its callback holds a lease,
+    # taken by compare-and-swap: with several runners, one does it; if it dies, another takes over.
+    lease_owner: str | None = None
+    lease_until: float = 0.0
+    callback: Callback | None = None  # POSTed the batch object when it ends
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in ("completed", "cancelled", "failed", "expired")
+
+    def leased(self, now: float) -> bool:
+        return self.lease_owner is not None and self.lease_until > now
 
     def index(self) -> Index:
-        done = self.status in ("completed", "cancelled", "failed", "expired")
-        return Index(status=self.status, due_at=None if done else self.check_at, finished_at=self.finished_at)
+        if not self.terminal:
+            due = self.lease_until if self.status == "finalizing" else self.check_at
+        elif self.callback is not None and self.callback.status == "pending":
+            due = max(self.callback.next_at, self.lease_until if self.lease_owner else 0.0)
+        else:
+            due = None
+        return Index(status=self.status, due_at=due, finished_at=self.finished_at)
 
     def public(self) -> dict[str, Any]:
         def ts(value: float | None) -> int | None:

@@ -2,7 +2,8 @@
 
 It polls the store for due work: queued jobs and batch lines, jobs whose lease ran out (their
 Ingress or runner died: run again, idempotent by job id: the first stored result wins), ended
-jobs whose callback is due, and batches to finalize. Jobs run through the Ingress's own routes
+jobs whose callback is due, and batches to finalize or call back (app.jobs.finalize: safe with several
+runners, each step claimed by compare-and-swap). Jobs run through the Ingress's own routes
 in-process (app.jobs.execute) and from there through the same Scheduler handle, so a job outlives
 the HTTP connection and the Ingress. Batch lines run at `jobs.batch_priority` (the lowest) and at
 most `jobs.batch_concurrency` at once per runner, so they use spare capacity.
@@ -22,9 +23,9 @@ from ray.serve.handle import DeploymentHandle
 
 from app.config import AppSettings
 from app.ingress.gateway import Gateway
-from app.jobs.batches import result_files
 from app.jobs.callbacks import deliver
 from app.jobs.execute import call_route, routes_app
+from app.jobs.finalize import BatchFinalizer
 from app.jobs.ledger import Ledger
 from app.jobs.models import Batch, Job
 from app.jobs.service import JobService, body_bytes
@@ -33,7 +34,6 @@ from app.jobs.supervise import supervise
 
 logger = logging.getLogger("sglserve.jobs")
 
-BATCH_CHECK_S = 0.5  # how often an unfinished batch's lines are counted
 PURGE_EVERY_S = 60.0
 
 
@@ -50,7 +50,8 @@ class JobRunner:
         self.ledger = Ledger(self.store, self.cfg)
         self.worker = f"runner-{uuid.uuid4().hex[:12]}"
         self.http = httpx.AsyncClient()
-        self.tasks: dict[str, asyncio.Task] = {}  # "kind:id" -> its execution or delivery
+        self.batches = BatchFinalizer(self.store, self.ledger, self.worker, self.http)
+        self.tasks: dict[str, asyncio.Task] = {}  # "kind:id" -> its execution, delivery or batch step
         self.executed_total = 0
         self.last_purge = 0.0
         self.loop = asyncio.create_task(self._loop())
@@ -68,7 +69,8 @@ class JobRunner:
         await self._start_due("job", self.cfg.runner_concurrency, now)
         await self._start_due("line", await self._batch_room(), now)
         for batch in await self.store.due("batch", now, 16, Batch):
-            await self._check_batch(batch)
+            if f"batch:{batch.id}" not in self.tasks:  # finalize or call back (app.jobs.finalize)
+                self._spawn(f"batch:{batch.id}", self.batches.step(batch))
         if now - self.last_purge > PURGE_EVERY_S:
             self.last_purge = now
             await self.store.purge(now - self.cfg.retention_s)
@@ -137,43 +139,11 @@ class JobRunner:
             logger.info("callback of job %s failed: %s", job.id, error)
         await self.ledger.callback_attempted(job, self.worker, error)
 
-    # -- batches ---------------------------------------------------------------------------------
-
-    async def _check_batch(self, batch: Batch) -> None:
-        counts = await self.store.group_counts("line", batch.id)
-        if batch.status == "cancelling":
-            for line in await self.store.group("line", batch.id, Job):
-                if not line.terminal:
-                    await self.ledger.cancel("line", line)
-            counts = await self.store.group_counts("line", batch.id)
-        ended = sum(counts.get(s, 0) for s in ("succeeded", "failed", "cancelled"))
-        batch.request_counts = {"total": batch.total, "completed": counts.get("succeeded", 0),
-                                "failed": counts.get("failed", 0) + counts.get("cancelled", 0)}
-        now = time.time()
-        if ended < batch.total:
-            batch.check_at = now + BATCH_CHECK_S
-            await self.store.replace("batch", batch)  # a lost race only delays the next check
-            return
-        lines = await self.store.group("line", batch.id, Job)
-        output, errors = result_files(batch, lines)
-        for made in (output, errors):
-            if made is not None:
-                await self.store.put_blob(made[0].id, made[1])
-                await self.store.insert("file", [made[0]])
-        batch.output_file_id = output[0].id if output else None
-        batch.error_file_id = errors[0].id if errors else None
-        batch.finalizing_at = batch.finalizing_at or now
-        if batch.status == "cancelling":
-            batch.status, batch.cancelled_at = "cancelled", now
-        else:
-            batch.status, batch.completed_at = "completed", now
-        batch.finished_at = now
-        await self.store.replace("batch", batch)
-
     # -- Serve hooks -----------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        return {"worker": self.worker, "running": len(self.tasks), "executed_total": self.executed_total}
+        return {"worker": self.worker, "running": len(self.tasks), "executed_total": self.executed_total,
+                "batches_finalized_total": self.batches.finalized_total}
 
     async def check_health(self) -> None:
         if self.loop.done():

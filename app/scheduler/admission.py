@@ -34,7 +34,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.errors import OverloadedError
+from app.errors import OverloadedError, RequestAbortedError
 from app.protocol import GenerateRequest
 
 HOLD_EWMA_ALPHA = 0.05  # weight of the newest slot hold time in the running mean
@@ -117,6 +117,7 @@ class AdmissionQueue:
         self.rejected_timeout_total = 0
         self.displaced_total = 0
         self.rejected_predicted_total = 0  # (part of rejected_full_total) would have timed out
+        self.aborted_total = 0  # waiters taken out of the queue by an abort: they never ran
 
     # --- the API ----------------------------------------------------------------------------
 
@@ -138,6 +139,21 @@ class AdmissionQueue:
         """Give back a slot held for `hold_s` seconds (feeds the drain rate)."""
         self._record_hold(hold_s)
         self._release()
+
+    def abort(self, matches: Callable[[str], bool]) -> int:
+        """Take the waiters whose request id `matches` out of the queue: their `acquire` raises
+        RequestAbortedError, so an aborted request that had not been admitted never runs. O(queue)."""
+        aborted = 0
+        for waiter in self._heap:
+            if waiter.cancelled or waiter.future.done() or not matches(waiter.meta.rid):
+                continue
+            waiter.cancelled = True  # left in the heap, skipped when popped (lazy deletion)
+            self._leave_queue(waiter)
+            waiter.future.set_exception(RequestAbortedError(
+                f"request {waiter.meta.rid} was aborted while it waited in the queue", code="aborted_in_queue"))
+            aborted += 1
+        self.aborted_total += aborted
+        return aborted
 
     def set_max_concurrent(self, n: int) -> None:
         if n <= 0:
@@ -177,6 +193,7 @@ class AdmissionQueue:
             "rejected_timeout_total": self.rejected_timeout_total,
             "displaced_total": self.displaced_total,
             "rejected_predicted_total": self.rejected_predicted_total,
+            "aborted_total": self.aborted_total,
         }
 
     # --- internals ----------------------------------------------------------------------------
@@ -232,7 +249,7 @@ class AdmissionQueue:
             else:
                 self._cancel(waiter)
             raise
-        # Granted, or displaced (the future carries the OverloadedError): result() raises then.
+        # Granted, or displaced or aborted (the future carries the error): result() raises then.
         waiter.future.result()
 
     def _enqueue(self, meta: RequestMeta) -> _Waiter:

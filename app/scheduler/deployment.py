@@ -116,15 +116,17 @@ class Scheduler:
         replica, so the abort goes where the stream is produced: the engine of the ticket's
         replica ends it with finish_reason "abort", and that reaches the client through whichever
         Ingress holds it. A rid this scheduler holds no ticket for (another scheduler replica's)
-        is sent to every replica. Returns how many streams were aborted."""
+        is sent to every replica. A request still waiting in the admission queue is taken out of
+        it and never runs. Returns how many requests were aborted."""
+        queued = self.office.abort_queued(None if abort_all else rid)
         tickets = self.office.desk.matching(None if abort_all else rid)
         if not tickets:
-            if abort_all:
-                return 0
+            if abort_all or queued:
+                return queued
             return sum(1 for ok in await self._broadcast("abort", rid) if ok)
         calls = [self.handles[t.ticket.version].abort.remote(t.meta.rid, **self._target(t.ticket)) for t in tickets]
         results = await asyncio.gather(*calls, return_exceptions=True)
-        return sum(1 for r in results if not isinstance(r, BaseException))
+        return queued + sum(1 for r in results if not isinstance(r, BaseException))
 
     async def flush_cache(self) -> int:
         """Flush every replica's prefix cache; returns how many replicas flushed."""

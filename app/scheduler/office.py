@@ -26,7 +26,7 @@ from app.scheduler.control import InFlightLimits
 from app.scheduler.dispatch import Dispatcher
 from app.scheduler.ray_router import RoutingSnapshot, routing_snapshot
 from app.scheduler.routing import make_policy
-from app.scheduler.tickets import LiveTicket, Outcome, Ticket, TicketDesk
+from app.scheduler.tickets import LiveTicket, Outcome, Ticket, TicketDesk, rid_matches
 
 logger = logging.getLogger("sglserve.scheduler")
 
@@ -188,6 +188,11 @@ class TicketOffice:
         replica, routed = dispatcher.choose(request, exclude)
         logger.info("request %s: replica %s failed; placed on %s", request.rid, failed_replica, replica)
         return self.desk.replace(live, replica, routed)
+
+    def abort_queued(self, rid: str | None) -> int:
+        """Take a request (and its fan-out; every request for None) out of the admission queue
+        before it was admitted: its admit raises RequestAbortedError and it never reaches a replica."""
+        return self.admission.abort(lambda candidate: rid is None or rid_matches(rid, candidate))
 
     def release(self, outcomes: list[Outcome], renew: list[str] | None = None, cancel: list[str] | None = None) -> None:
         """Streams that ended (their slots come free), streams still running (leases renewed), and

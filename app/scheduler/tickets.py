@@ -65,6 +65,11 @@ class LiveTicket:
     expires_at: float  # monotonic
 
 
+def rid_matches(rid: str, candidate: str) -> bool:
+    """Whether an abort of `rid` covers the request `candidate`: itself or its fan-out `rid-<i>`."""
+    return candidate == rid or candidate.startswith(f"{rid}-")
+
+
 class TicketDesk:
     """Live tickets by id, with their leases. Single event loop, no locks."""
 
@@ -130,7 +135,7 @@ class TicketDesk:
         """Live tickets of a request id (and of its fan-out `rid-<i>`); all of them for None."""
         if rid is None:
             return list(self._live.values())
-        return [t for t in self._live.values() if t.meta.rid == rid or t.meta.rid.startswith(f"{rid}-")]
+        return [t for t in self._live.values() if rid_matches(rid, t.meta.rid)]
 
     def hold_s(self, live: LiveTicket) -> float:
         return self._clock() - live.granted_at

@@ -129,6 +129,42 @@ async def test_lpm_serves_the_longest_cached_prefix_first_and_fcfs_the_oldest(po
             assert u.first_token_time < s.first_token_time
 
 
+@pytest.mark.parametrize("priority_scheduling", [True, False])
+async def test_higher_priority_prefills_first_and_lower_priority_pauses_meanwhile(priority_scheduling,
+                                                                                   tiny_model_path):
+    def request(text: str, n: int, priority: int) -> GenerateRequest:
+        return GenerateRequest(text=text, sampling=greedy(n), priority=priority)
+
+    async with embedded(max_total_tokens=16384, priority_scheduling=priority_scheduling) as eng:
+        alone = await generate_all(eng, request("batch line", 120, -1000))
+        low = asyncio.create_task(generate_all(eng, request("batch line", 120, -1000)))
+        while eng.stats().num_running == 0:
+            await asyncio.sleep(0.005)
+        high = await generate_all(eng, request("interactive", 8, 0))
+        assert (await low).token_ids == alone.token_ids  # a pause changes nothing in the output
+        paused = eng.scheduler.paused_steps_total
+        if priority_scheduling:  # the low one sat out the high one's steps (prefill + 7 decodes) ...
+            assert paused >= 8 and high.completion_tokens == 8
+        else:
+            assert paused == 0
+
+    # ... and with one running slot, the waiting request of higher priority is admitted first.
+    async with embedded(max_total_tokens=16384, max_running_requests=1,
+                        priority_scheduling=priority_scheduling) as eng:
+        blocker = asyncio.create_task(generate_all(eng, request("block", 300, 0)))
+        while eng.stats().num_running == 0:
+            await asyncio.sleep(0.005)
+        first = asyncio.create_task(generate_all(eng, request("batch line", 2, -1000)))
+        while eng.stats().num_waiting == 0:
+            await asyncio.sleep(0.005)
+        second = asyncio.create_task(generate_all(eng, request("interactive", 2, 0)))
+        while eng.stats().num_waiting < 2:
+            await asyncio.sleep(0.005)
+        await blocker
+        lo, hi = await first, await second
+        assert (hi.first_token_time < lo.first_token_time) == priority_scheduling
+
+
 async def test_flush_cache_drops_unreferenced_prefixes_only(tiny_model_path):
     async with embedded(max_total_tokens=16384) as eng:
         await generate_all(eng, GenerateRequest(text=SYSTEM, sampling=greedy(4)))

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from app.errors import OverloadedError
+from app.errors import OverloadedError, RequestAbortedError
 from app.scheduler.admission import AdmissionQueue, RequestMeta
 
 pytestmark = pytest.mark.asyncio
@@ -155,6 +155,27 @@ async def test_cancelled_waiter_frees_its_place_and_never_leaks_a_slot() -> None
     release.set()
     await holder
     assert queue.in_flight == 0 and order == ["holder"]
+
+
+async def test_an_aborted_waiter_leaves_the_queue_and_never_runs() -> None:
+    queue = AdmissionQueue(max_queue=8, max_concurrent=1, max_queue_wait_s=10.0)
+    release, order = asyncio.Event(), []
+    holder = asyncio.create_task(hold(queue, meta("holder"), release, order))
+    await settle()
+    waiters = {rid: asyncio.create_task(hold(queue, meta(rid), release, order))
+               for rid in ("job-a-0", "job-a-1", "job-ab", "other")}
+    await settle()
+    assert queue.abort(lambda rid: rid.startswith("job-a-")) == 2  # a fan-out's two sequences
+    await settle()
+    assert queue.depth == 2 and queue.stats()["aborted_total"] == 2
+    for rid in ("job-a-0", "job-a-1"):
+        with pytest.raises(RequestAbortedError) as raised:
+            await waiters[rid]
+        assert raised.value.status_code == 499
+    assert queue.abort(lambda rid: rid == "holder") == 0  # admitted already: not the queue's to abort
+    release.set()
+    await asyncio.gather(holder, waiters["job-ab"], waiters["other"])
+    assert order == ["holder", "job-ab", "other"] and queue.in_flight == 0
 
 
 async def test_higher_priority_is_served_first() -> None:

@@ -10,9 +10,15 @@ Each step builds ONE batch:
    partially prefilled ("chunked") request, then waiting requests in policy order (`fcfs`, or `lpm`:
    longest cached prefix first). A prompt longer than the remaining budget is cut into chunks that
    run over several steps, interleaved with the decodes, so long prompts do not stall streams.
+   With `priority_scheduling`, waiting requests go by priority first (higher first), then policy.
 3. a waiting request is admitted only if its remaining prompt plus a reservation for future
    decode tokens fits in free + evictable KV (`new_token_ratio`, SGLang's idea: start cautious,
    relax every step, tighten again after a retraction). Otherwise it waits.
+
+4. with `priority_scheduling`, while a request of higher priority waits or runs, running requests
+   of lower priority (batch lines) pause: they keep their KV and are left out of the step, so a
+   step serving an interactive request is as short as if they were not there. When nothing of
+   higher priority can make progress (it cannot be admitted yet), everything decodes as usual.
 
 The scheduler runs only on the engine thread; nothing here is thread-safe by design.
 """
@@ -67,6 +73,7 @@ class BatchScheduler:
         max_prefill_tokens: int,
         chunked_prefill_size: int,
         policy: str,
+        priority_scheduling: bool = True,
     ) -> None:
         self.kv = kv
         self.req_to_token = req_to_token
@@ -74,6 +81,8 @@ class BatchScheduler:
         self.max_running_requests = max_running_requests
         self.prefill_budget = min(max_prefill_tokens, chunked_prefill_size)
         self.policy = policy
+        self.priority_scheduling = priority_scheduling
+        self.paused_steps_total = 0  # request-steps left out for a higher priority
         self.waiting: list[Req] = []
         self.running: list[Req] = []  # prefill done, decoding
         self.chunked: Req | None = None  # partially prefilled
@@ -103,24 +112,48 @@ class BatchScheduler:
     # ---- one step -----------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch | None:
         self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
-        decode_reqs = self._prepare_decodes()
+        decode_reqs = self._prepare_decodes(self._stepping())
         prefills = self._schedule_prefills()
+        if not prefills and len(decode_reqs) < len(self.running) and not self._top_is_running():
+            # What the pause was for cannot start yet (no room): the paused ones go on meanwhile.
+            decode_reqs += self._prepare_decodes([r for r in self.running if r not in decode_reqs])
+        self.paused_steps_total += len(self.running) - len(decode_reqs)
         if not decode_reqs and not prefills:
             return None
         return self._build_batch(decode_reqs, prefills)
 
-    def _prepare_decodes(self) -> list[Req]:
-        while self.running and not self._ensure_free(len(self.running)):
+    def _stepping(self) -> list[Req]:
+        """The running requests decoded this step: all of them, or with priority scheduling those
+        of the highest priority among the running, chunked and waiting ones."""
+        if not self.priority_scheduling or not self.running:
+            return list(self.running)
+        top = self._top_priority()
+        return [r for r in self.running if r.priority >= top]
+
+    def _top_priority(self) -> int:
+        reqs = [*self.running, *self.waiting, *([self.chunked] if self.chunked else [])]
+        return max(r.priority for r in reqs)
+
+    def _top_is_running(self) -> bool:
+        top = self._top_priority()
+        return any(r.priority >= top for r in self.running)
+
+    def _prepare_decodes(self, reqs: list[Req]) -> list[Req]:
+        """KV slots for one decode token of each of `reqs`; when the pool is full, running requests
+        are retracted, the lowest priority and then the newest first."""
+        while reqs and not self._ensure_free(len(reqs)):
             victims = self.running + ([self.chunked] if self.chunked else [])
-            self.retract(max(victims, key=lambda r: r.admit_seq))
-        if not self.running:
+            victim = max(victims, key=lambda r: (-r.priority, r.admit_seq))
+            self.retract(victim)
+            reqs = [r for r in reqs if r is not victim]
+        if not reqs:
             return []
-        slots = self.kv.alloc(len(self.running))
+        slots = self.kv.alloc(len(reqs))
         assert slots is not None, "decode slots were ensured free just above"
-        rows = torch.tensor([r.row for r in self.running])
-        cols = torch.tensor([r.kv_len for r in self.running])
+        rows = torch.tensor([r.row for r in reqs])
+        cols = torch.tensor([r.kv_len for r in reqs])
         self.req_to_token.table[rows, cols] = slots
-        return list(self.running)
+        return list(reqs)
 
     def _schedule_prefills(self) -> list[PrefillWork]:
         budget = self.prefill_budget
@@ -147,11 +180,12 @@ class BatchScheduler:
         return works
 
     def _ordered_waiting(self) -> list[Req]:
+        by_priority = (lambda r: -r.priority) if self.priority_scheduling else (lambda r: 0)
         if self.policy != "lpm" or len(self.waiting) > LPM_MAX_QUEUE or self.cache.disabled:
-            return list(self.waiting)
+            return sorted(self.waiting, key=by_priority)  # stable: fcfs among equals
         lengths = {id(r): self.cache.match_prefix(self._match_key(r), count=False).length
                    for r in self.waiting}
-        return sorted(self.waiting, key=lambda r: -lengths[id(r)])  # stable: fcfs among equals
+        return sorted(self.waiting, key=lambda r: (by_priority(r), -lengths[id(r)]))
 
     def _match_key(self, req: Req) -> list[int]:
         """What may be served from the cache: never the last token (its logits are needed), and

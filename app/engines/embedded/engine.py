@@ -136,6 +136,7 @@ class EmbeddedEngine(Engine):
                 max_running_requests=s.max_running_requests,
                 max_prefill_tokens=s.max_prefill_tokens,
                 chunked_prefill_size=s.chunked_prefill_size, policy=s.schedule_policy,
+                priority_scheduling=s.priority_scheduling,
             )
             self.eos_token_ids = list(self._tokenizer.eos_token_ids)
             self.grammar = None

@@ -133,6 +133,10 @@ class Req:
     pending_top: list[list[LogprobEntry]] = field(default_factory=list)
 
     @property
+    def priority(self) -> int:
+        return self.request.priority or 0
+
+    @property
     def rid(self) -> str:
         return self.request.rid
 
