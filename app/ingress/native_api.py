@@ -143,11 +143,20 @@ def native_router(gateway_of) -> APIRouter:
 
         async def events() -> AsyncIterator[str]:
             totals: dict[int, GenerateOutput] = {}
+            sent: dict[int, str] = {}
+            held: dict[int, GenerateOutput] = {}
             async for index, out in source:
                 total = totals[index] = out if index not in totals else totals[index].merge(out)
                 # Cumulative text (SGLang's default stream), never ending in a broken character.
                 text = stable_text(total.text, total.finished)
-                yield sse_event(render(total, index, text, total.token_ids, chunk=out))
+                chunk = held.pop(index).merge(out) if index in held else out
+                if text == sent.get(index, "") and not total.finished:
+                    # No new text (a character still incomplete): SGLang's frontend skips such a
+                    # chunk, and its logprobs with it, so they ride with the next one instead.
+                    held[index] = chunk
+                    continue
+                sent[index] = text
+                yield sse_event(render(total, index, text, total.token_ids, chunk=chunk))
 
         return StreamingResponse(sse_stream(events()), media_type="text/event-stream")
 
