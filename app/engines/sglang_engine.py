@@ -534,6 +534,7 @@ class SGLangEngine(Engine):
             engine_arrival_time=cursor.arrival_time,
             first_token_time=cursor.first_token_time,
             served_by=None,
+            text_lens=None,  # one token per output at SGLang's default stream_interval: obvious
         )
         if request.return_logprob:
             self._attach_logprobs(out, meta, cursor, request, want_logprob_text)

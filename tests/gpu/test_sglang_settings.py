@@ -97,7 +97,7 @@ def test_the_unvalidated_hot_path_output_equals_a_validated_one():
         finish_reason=FinishReason(type="length", length=2), prompt_tokens=3, completion_tokens=2,
         cached_tokens=1, output_token_logprobs=[(-0.5, 5, None), (-0.25, 6, None)],
         output_top_logprobs=None, input_token_logprobs=None, input_top_logprobs=None,
-        engine_arrival_time=1.0, first_token_time=2.0, served_by="r1",
+        engine_arrival_time=1.0, first_token_time=2.0, served_by="r1", text_lens=[1, 1],
     )
     fast = new_output(**dict(fields))
     assert fast == GenerateOutput(**fields)

@@ -81,6 +81,16 @@ class Prometheus:
         assert len(result) <= 1, f"{expr} returned {len(result)} series; wrap it in sum()"
         return float(result[0]["value"][1]) if result else 0.0
 
+    def series(self, selector: str) -> dict[tuple, float]:
+        """Each series' value of a selector (no aggregation), keyed by its labels."""
+        return {tuple(sorted(r["metric"].items())): float(r["value"][1]) for r in self.query(selector)}
+
+    def increase(self, selector: str, before: dict[tuple, float]) -> float:
+        """How much the series of `selector` grew since `before` (a `series` snapshot). Summed per
+        series, so a series that went away meanwhile (an earlier test's replica, once Ray stops
+        exporting it) does not read as a drop, and a new series counts from zero."""
+        return sum(value - before.get(key, 0.0) for key, value in self.series(selector).items())
+
     def wait_for(self, check: Callable[[], bool], timeout_s: float = 45.0, what: str = "") -> None:
         deadline = time.monotonic() + timeout_s
         while not check():

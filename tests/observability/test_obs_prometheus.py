@@ -69,8 +69,16 @@ COUNTS = {
 }
 
 
+def _selector(summed: str) -> str:
+    """`sum(metric{...})` -> `metric{...}`."""
+    assert summed.startswith("sum(") and summed.endswith(")")
+    return summed[len("sum("):-1]
+
+
 def test_prometheus_sees_our_series_with_counts_matching_the_traffic(stack, prometheus):
-    before = prometheus.settled_values(list(COUNTS.values()))
+    prometheus.settled_values(list(COUNTS.values()))  # earlier traffic has landed
+    # Per-series snapshots: a sum over all series drops when an earlier stack's series go away.
+    before = {k: prometheus.series(_selector(COUNTS[k])) for k in COUNTS}
 
     usages = [_chat(stack.base_url, f"Tell me about the number {i}", 6 + i) for i in range(3)]
     usages += [_streamed_completion(stack.base_url, f"Once upon a time {i}", 12) for i in range(2)]
@@ -95,7 +103,7 @@ def test_prometheus_sees_our_series_with_counts_matching_the_traffic(stack, prom
     }
 
     def deltas() -> dict[str, float]:
-        return {k: prometheus.value(COUNTS[k]) - before[COUNTS[k]] for k in COUNTS}
+        return {k: prometheus.increase(_selector(COUNTS[k]), before[k]) for k in COUNTS}
 
     seen: dict[str, float] = {}
 
