@@ -404,6 +404,24 @@ def _stopped(out: GenerateOutput, verdict: Verdict) -> GenerateOutput:
     })
 
 
+class _GrowingTexts:
+    """Streamed texts, one per key (a sequence, a /run branch), checked by the output filters each
+    time one has grown by `output_check_chars` since its last check, and when it ends."""
+
+    def __init__(self, guard: Any):
+        self.guard = guard
+        self.every = guard.settings.safety.output_check_chars
+        self.texts: dict[Any, str] = {}
+        self.checked: dict[Any, int] = {}
+
+    async def add(self, key: Any, piece: str, final: bool = False) -> Verdict | None:
+        text = self.texts[key] = self.texts.get(key, "") + piece
+        if piece and (len(text) - self.checked.get(key, 0) >= self.every or final):
+            self.checked[key] = len(text)
+            return await self.guard.check_output(text)
+        return None
+
+
 async def filter_stream(request: Request, stream: AsyncIterator[tuple[int, GenerateOutput]],
                         count: int) -> AsyncIterator[tuple[int, GenerateOutput]]:
     """Pass a stream of (index, increment) through the output filters: a sequence whose text gets
@@ -414,23 +432,18 @@ async def filter_stream(request: Request, stream: AsyncIterator[tuple[int, Gener
         async for item in stream:
             yield item
         return
-    every = guard.settings.safety.output_check_chars
-    texts: dict[int, str] = {}
-    checked: dict[int, int] = {}
+    growing = _GrowingTexts(guard)
     ended: set[int] = set()
     async for index, out in stream:
         if index in ended:
             continue
-        text = texts[index] = texts.get(index, "") + out.text
-        if out.text and (len(text) - checked.get(index, 0) >= every or out.finished):
-            checked[index] = len(text)
-            verdict = await guard.check_output(text)
-            if verdict is not None:
-                ended.add(index)
-                yield index, _stopped(out, verdict)
-                if len(ended) >= count:
-                    return
-                continue
+        verdict = await growing.add(index, out.text, out.finished)
+        if verdict is not None:
+            ended.add(index)
+            yield index, _stopped(out, verdict)
+            if len(ended) >= count:
+                return
+            continue
         if out.finished:
             ended.add(index)
         yield index, out
@@ -489,20 +502,14 @@ async def filter_run_stream(request: Request, events: AsyncIterator[dict[str, An
         async for event in events:
             yield event
         return
-    every = guard.settings.safety.output_check_chars
-    texts: dict[tuple[int, ...], str] = {}
-    checked: dict[tuple[int, ...], int] = {}
+    growing = _GrowingTexts(guard)
     try:
         async for event in events:
             if event.get("type") == "text" and event.get("text"):
-                branch = tuple(event.get("branch") or ())
-                text = texts[branch] = texts.get(branch, "") + event["text"]
-                if len(text) - checked.get(branch, 0) >= every:
-                    checked[branch] = len(text)
-                    verdict = await guard.check_output(text)
-                    if verdict is not None:
-                        yield {"type": "done", "result": _run_stopped({"text": "", "variables": {}, "meta": {}}, verdict)}
-                        return
+                verdict = await growing.add(tuple(event.get("branch") or ()), event["text"])
+                if verdict is not None:
+                    yield {"type": "done", "result": _run_stopped({"text": "", "variables": {}, "meta": {}}, verdict)}
+                    return
             elif event.get("type") == "done" and isinstance(event.get("result"), dict):
                 event = {**event, "result": await filter_run_result(request, event["result"])}
             yield event
