@@ -28,11 +28,10 @@ from typing import Any
 
 from app.errors import EngineUnavailableError
 from app.protocol import GenerateRequest
-from app.scheduler.tickets import Ticket
+from app.scheduler.tickets import QUEUED, Ticket
 
 logger = logging.getLogger("sglserve.ingress")
 
-QUEUED = "queued"  # app.scheduler.office.QUEUED (not imported: the Ingress needs nothing else of it)
 Answers = list[tuple[str, Any]]
 SendBatch = Callable[[list[tuple[str, GenerateRequest]]], Awaitable[Answers]]
 Follow = Callable[[list[str]], AsyncIterator[Answers]]

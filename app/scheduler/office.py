@@ -26,13 +26,12 @@ from app.scheduler.control import InFlightLimits
 from app.scheduler.dispatch import Dispatcher
 from app.scheduler.ray_router import RoutingSnapshot, routing_snapshot
 from app.scheduler.routing import make_policy
-from app.scheduler.tickets import LiveTicket, Outcome, Ticket, TicketDesk, rid_matches
+from app.scheduler.tickets import QUEUED, LiveTicket, Outcome, Ticket, TicketDesk, rid_matches
 
 logger = logging.getLogger("sglserve.scheduler")
 
 EARLY_CANCEL_KEEP_S = 60.0  # a cancel that overtook its admit waits this long for it
 
-QUEUED = "queued"  # admit_many's answer for a request that waits: follow_admits gives the rest
 AdmitAnswer = tuple[str, "Ticket | APIError | str | None"]  # (key, its ticket, its refusal, QUEUED, or None: cancelled)
 
 

@@ -27,6 +27,9 @@ from typing import Any, Literal
 from app.scheduler.admission import RequestMeta
 from app.scheduler.loads import Routed
 
+# admit_many's answer for a request that waits in the queue: follow_admits brings its ticket later.
+QUEUED = "queued"
+
 OutcomeStatus = Literal["finished", "aborted", "client_disconnect", "error", "replica_failure"]
 
 
