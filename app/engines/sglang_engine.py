@@ -56,7 +56,14 @@ from app.engines.sglang_stream import (
     finish_reason_from_sglang,
     new_output,
 )
-from app.errors import APIError, EngineError, InvalidRequestError, RequestAbortedError, ValidationError
+from app.errors import (
+    APIError,
+    EngineError,
+    EngineUnavailableError,
+    InvalidRequestError,
+    RequestAbortedError,
+    ValidationError,
+)
 from app.protocol import EngineStats, GenerateOutput, GenerateRequest, ModelInfo, SamplingParams
 
 logger = logging.getLogger("sglserve.engines.sglang")
@@ -346,9 +353,23 @@ class SGLangEngine(Engine):
             except Exception:  # noqa: BLE001 - best effort wake-up; the request errors anyway
                 logger.exception("could not fail request %s", rid)
 
+    @property
+    def available(self) -> bool:
+        """False once the engine died: the replica says so to the request router at once, while
+        its failing health check gets Ray Serve to replace it."""
+        return self._dead_reason is None
+
+    def _dead_error(self) -> EngineUnavailableError:
+        """What requests get once the engine died (a crash, a CUDA out-of-memory in a step):
+        503 + Retry-After, retryable, so the Ingress sends them to another replica or holds them
+        for the replacement. The request did nothing wrong; a 500 would say it had."""
+        return EngineUnavailableError(
+            f"the SGLang engine of this replica died ({self._dead_reason}); "
+            "the replica is being replaced, retry", retry_after_s=5.0, code="engine_dead")
+
     def _require_serving(self) -> Any:
         if self._dead_reason is not None:
-            raise EngineError(f"the SGLang engine is dead: {self._dead_reason}")
+            raise self._dead_error()
         if self._sgl is None:
             raise EngineError("the SGLang engine is not started")
         return self._sgl
@@ -468,7 +489,7 @@ class SGLangEngine(Engine):
                 raw_finish = meta.get("finish_reason")
                 if raw_finish and isinstance(raw_finish, dict) and raw_finish.get("type") == "abort":
                     if self._dead_reason is not None:
-                        raise EngineError(f"the SGLang engine died: {self._dead_reason}")
+                        raise self._dead_error()
                     if raw_finish.get("status_code") is not None:
                         raise error_for_sglang_abort(raw_finish, constraint)
                 out = self._increment(chunk, meta, cursor, request, want_logprob_text)
@@ -600,7 +621,7 @@ class SGLangEngine(Engine):
         if isinstance(exc, APIError):
             return exc
         if self._dead_reason is not None:
-            return EngineError(f"the SGLang engine died: {self._dead_reason}")
+            return self._dead_error()
         status = getattr(exc, "status_code", None)
         if status == 499:
             return RequestAbortedError(str(exc))

