@@ -3,7 +3,7 @@
 # `sglang.benchmark.serving` (bench/gpu/bench_serving_sweep.py), plus the GPU test suite through the
 # whole Serve application. Runs ON the GPU machine, from the device checkout's root:
 #
-#   bash .i14/repo/scripts/gpu/bench_vs_launch_server.sh [steps...]     (default: all)
+#   bash scripts/gpu/bench_vs_launch_server.sh [steps...]     (default: all)
 #
 # steps: bare      launch_server on the model, the sweep, stop it (GPU memory back to idle)
 #        sglserve  Ray head + `serve run deploy/serve_config.gpu.bench.yaml`, the same sweep,
@@ -14,7 +14,7 @@
 #   .i14/sgl/sglang.tar.xz   sglang 0.5.17 + launch_server/bench deps (make_sglang_server_site.sh)
 #   .i14/stack/stack.tar.xz  Ray Serve 2.60 + pytest + py-spy (make_stack_site.sh)
 #   .i14/model/              config.json (8B shape) + tokenizer (bench/gpu/make_bench_model.py)
-#   .i14/repo/               this project's code (the worktree being measured)
+#   .i14/repo/               optional: other code to measure (default: the checkout itself)
 # Everything is unpacked under /tmp/i14, which outlives the call while the machine stays warm, so
 # the two bundles may come in two calls made one right after the other (64 MiB per call).
 # Results: $OUT/<step>.tar.gz (JSON lines, logs, py-spy profiles) and $OUT/<step>.log.

@@ -7,9 +7,8 @@
 #   .i14/w1, .i14/w2         sglang's trimmed wheels in two halves (make_sglang_server_site.sh,
 #                            WHEELS_ONLY); SPLIT_WHEELS=0 makes one .i14/sgl/sglang.tar.xz instead
 #   .i14/stack/stack.tar.xz  Ray Serve + pytest + py-spy (make_stack_site.sh, ~32 MB)
-#   .i14/model, .i14/repo    the 8B-shaped config + tokenizer, and the code (small)
-# The device calls (docs/gpu-benchmark.md): [w1, stack, repo] unpack; [w2, model, repo] bare;
-# [model, repo] sglserve -- each made right after the previous one, while the machine is warm.
+#   .i14/model               the 8B-shaped config + tokenizer (small)
+# The device calls (docs/gpu-benchmark.md): [w1, stack] unpack; [w2, model] bare; [model] sglserve -- each made right after the previous one, while the machine is warm.
 set -euo pipefail
 CHECKOUT="${CHECKOUT:-/work/main}"
 D="$CHECKOUT/.i14"
@@ -19,7 +18,7 @@ grep -qxF '/.i14/' "$exclude" 2>/dev/null || echo '/.i14/' >> "$exclude"
 mkdir -p "$D/sgl" "$D/stack"
 if [[ "${SPLIT_WHEELS:-1}" == 1 ]]; then
   # The sglang site as trimmed wheels in two halves that each fit a call next to what it carries:
-  # w1 (sgl_kernel, xgrammar; ~28 MB) rides with the Ray stack, w2 (the rest; ~53 MB) with model+repo.
+  # w1 (sgl_kernel, xgrammar; ~28 MB) rides with the Ray stack, w2 (the rest; ~53 MB) with the model.
   if [[ ! -d "$D/w2" ]]; then
     DEST="$D/sgl" WHEELS_ONLY=1 bash scripts/gpu/make_sglang_server_site.sh
     mkdir -p "$D/w1" "$D/w2"
@@ -31,7 +30,6 @@ else
 fi
 [[ -s "$D/stack/stack.tar.xz" ]] || DEST="$D/stack" bash scripts/gpu/make_stack_site.sh
 [[ -f "$D/model/config.json" ]] || /work/main/.venv/bin/python bench/gpu/make_bench_model.py --out "$D/model"
-# The code under test: this worktree's tracked and untracked-but-not-ignored files.
-rm -rf "$D/repo"; mkdir -p "$D/repo"
-git ls-files -co --exclude-standard | grep -v '^bench/results/' | tar -cf - -T - | tar -C "$D/repo" -xf -
+# The code under test is the checkout the device call sends (the script copies it on the device).
+rm -rf "$D/repo"  # an old copy would shadow the checkout
 du -sh "$D"/* ; du -sh "$D"
