@@ -114,7 +114,7 @@ def report(run: Path, md_path: Path, png_path: Path) -> str:
     rows = random_rows(bare, ours)
     env = (run / "sglserve" / "env.txt") if (run / "sglserve" / "env.txt").exists() else run / "bare" / "env.txt"
     lines = ["# sglserve vs `python -m sglang.launch_server`, measured by SGLang's own benchmark (H100)", ""]
-    lines += ["Both servers ran on the same GPU machine, one after the other in one lease (the bare server first), "
+    lines += ["Both servers ran on the same GPU machine, one after the other in one lease (the order is in the notes), "
               "with the same engine settings, and were driven by the same unmodified "
               "`sglang.benchmark.serving` (`bench/gpu/bench_serving_sweep.py` calls its `cli_main` once per step). "
               "Produced by `scripts/gpu/bench_vs_launch_server.sh` (see docs/gpu-benchmark.md); raw records: "
