@@ -416,6 +416,9 @@ def main() -> None:
     parser.add_argument("--no-transports", action="store_true", help="skip part 1")
     parser.add_argument("--unbatched", action="store_true",
                         help="add a side: sglserve with one admit call per request (scheduler.batch_admits false)")
+    parser.add_argument("--per-chunk", action="store_true",
+                        help="add a side: sglserve writing one SSE event per coalesced chunk, as the floor apps do "
+                             "(ingress.stream_chunk_per_token false)")
     args = parser.parse_args()
     scale = 0.25 if args.quick else 1.0
     transport_levels = [(1, max(10, int(60 * scale))), (32, max(64, int(320 * scale)))]
@@ -454,6 +457,10 @@ def main() -> None:
                 unbatched = {**settings, "scheduler": {**settings["scheduler"], "batch_admits": False}}
                 bases["sglserve, one admit call per request"] = deploy_app(
                     port, "sglserveu", unbatched, replica_options=replica_options(args.device), ingress_ports=INGRESS_PORTS)
+            if args.per_chunk:
+                per_chunk = {**settings, "ingress": {"stream_chunk_per_token": False}}
+                bases["sglserve, one SSE event per chunk"] = deploy_app(
+                    port, "sglservec", per_chunk, replica_options=replica_options(args.device), ingress_ports=INGRESS_PORTS)
             results = asyncio.run(run_interleaved(bases, levels, prompts, 64, args.rounds, args.device))
         finally:
             stop_ray_serve()
