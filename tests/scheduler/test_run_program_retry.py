@@ -17,7 +17,6 @@ from app.errors import EngineError, EngineUnavailableError
 from app.protocol import GenerateRequest
 from app.scheduler.deployment import Scheduler
 from app.scheduler.tickets import Ticket
-from app.sigterm import SigtermDrain
 
 pytestmark = pytest.mark.asyncio
 
@@ -70,7 +69,6 @@ def scheduler(program=(), stream=()) -> Scheduler:
     s = Scheduler.__new__(Scheduler)
     s.settings = AppSettings.from_args({"scheduler": {"max_retries": 2}})
     s.office = Office()
-    s.drain = SigtermDrain("test")
     s.handles = {None: SimpleNamespace(run_program=Replicas(program))}
     s.streams = {None: SimpleNamespace(run_program_stream=Replicas(stream))}
     return s
