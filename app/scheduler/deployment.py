@@ -15,7 +15,6 @@ programs (admitted like one request, run whole on the chosen replica).
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -79,12 +78,7 @@ class Scheduler:
         ticket = await self.admit(route)
         outcome = Outcome(ticket.ticket_id, "error")
         try:
-            for attempt in itertools.count():
-                try:
-                    result = await self.handles[ticket.version].run_program.remote(route, body, **self._target(ticket))
-                    break
-                except Exception as exc:  # noqa: BLE001 - sent elsewhere, or raised as it is
-                    ticket = await self._elsewhere(ticket, route, exc, attempt)
+            result = await self.handles[ticket.version].run_program.remote(route, body, **self._target(ticket))
             outcome.status = "finished"
             return result
         except Exception as exc:  # noqa: BLE001 - APIErrors pass through unwrapped
@@ -96,33 +90,13 @@ class Scheduler:
         ticket = await self.admit(route)
         outcome = Outcome(ticket.ticket_id, "error")
         try:
-            for attempt in itertools.count():
-                started = False
-                try:
-                    async for event in self.streams[ticket.version].run_program_stream.remote(
-                            route, body, **self._target(ticket)):
-                        started = True
-                        yield event
-                    break
-                except Exception as exc:  # noqa: BLE001
-                    if started:
-                        raise
-                    ticket = await self._elsewhere(ticket, route, exc, attempt)
+            async for event in self.streams[ticket.version].run_program_stream.remote(route, body, **self._target(ticket)):
+                yield event
             outcome.status = "finished"
         except Exception as exc:  # noqa: BLE001
             raise self._client_error(exc) from None
         finally:
             self.release([outcome])
-
-    async def _elsewhere(self, ticket: Ticket, route: GenerateRequest, exc: Exception, attempt: int) -> Ticket:
-        """The same ticket on another replica, if its replica turned the program away before
-        running any of it (draining after SIGTERM) and retries are left; else `exc` is raised.
-        Only that refusal is retried: a program that started may have run server-side functions."""
-        cause = unwrap_error(exc)
-        refused = isinstance(cause, APIError) and cause.code == "replica_draining"
-        if not refused or attempt >= self.settings.scheduler.max_retries:
-            raise exc
-        return await self.office.reroute(ticket.ticket_id, route, ticket.replica_id, started=False)
 
     @staticmethod
     def _target(ticket: Ticket) -> dict[str, str]:
