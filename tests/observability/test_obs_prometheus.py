@@ -76,9 +76,9 @@ def _selector(summed: str) -> str:
 
 
 def test_prometheus_sees_our_series_with_counts_matching_the_traffic(stack, prometheus):
-    prometheus.settled_values(list(COUNTS.values()))  # earlier traffic has landed
-    # Per-series snapshots: a sum over all series drops when an earlier stack's series go away.
-    before = {k: prometheus.series(_selector(COUNTS[k])) for k in COUNTS}
+    # Per-series snapshots, once earlier traffic has landed: a sum over all series drops when an
+    # earlier stack's series go away.
+    before = prometheus.settled(lambda: {k: prometheus.series(_selector(COUNTS[k])) for k in COUNTS})
 
     usages = [_chat(stack.base_url, f"Tell me about the number {i}", 6 + i) for i in range(3)]
     usages += [_streamed_completion(stack.base_url, f"Once upon a time {i}", 12) for i in range(2)]
@@ -116,22 +116,23 @@ def test_prometheus_sees_our_series_with_counts_matching_the_traffic(stack, prom
         prometheus.wait_for(matches, what=f"the deltas {expected}")
     except AssertionError as exc:
         raise AssertionError(f"{exc}; last seen {seen}") from None
-    final = deltas()
+    _, final = prometheus.at_one_scrape(deltas, after=0)  # and nothing more arrives
     assert {k: final[k] for k in expected} == expected
 
     # Labels: our model label plus the ones Ray Serve adds, on every deployment's metrics.
-    for metric, deployment in [
-        ("ray_sglserve_num_requests_total", "Ingress"),
-        ("ray_sglserve_queue_time_seconds_count", "Scheduler"),
-        ("ray_sglserve_token_usage", "ModelReplica"),
-    ]:
-        series = prometheus.query(f"{metric}{{{APP}}}")
-        assert series, f"no {metric} series"
-        labels = series[0]["metric"]
+    metrics = {
+        "ray_sglserve_num_requests_total": "Ingress",
+        "ray_sglserve_queue_time_seconds_count": "Scheduler",
+        "ray_sglserve_token_usage": "ModelReplica",
+    }
+    _, found = prometheus.at_one_scrape(lambda: {m: prometheus.query(f"{m}{{{APP}}}") for m in metrics}, after=0)
+    for metric, deployment in metrics.items():
+        assert found[metric], f"no {metric} series"
+        labels = found[metric][0]["metric"]
         assert labels["model_name"] == MODEL
         assert labels["deployment"] == deployment
         assert labels["replica"]
-    reasons = {s["metric"]["finish_reason"] for s in prometheus.query(f"ray_sglserve_num_requests_total{{{APP}}}")}
+    reasons = {s["metric"]["finish_reason"] for s in found["ray_sglserve_num_requests_total"]}
     assert reasons <= {"stop", "length", "abort", "error", "client_disconnect"} and reasons & {"stop", "length"}
 
 
@@ -151,11 +152,17 @@ def test_gauges_show_engine_and_scheduler_limits(stack, prometheus):
         prometheus.wait_for(limits_match, what="the in-flight limit and the KV capacity")
     except AssertionError as exc:
         raise AssertionError(f"{exc}; last seen {seen}, KV capacity {kv_capacity}") from None
-    usage = prometheus.value(f"max(ray_sglserve_token_usage{{{APP}}})")
+    gauges = ("num_running_reqs", "num_queue_reqs", "num_used_tokens", "cache_hit_rate",
+              "gen_throughput", "scheduler_queued_requests", "scheduler_in_flight_requests")
+
+    def read_gauges() -> tuple[float, dict[str, list]]:
+        usage = prometheus.value(f"max(ray_sglserve_token_usage{{{APP}}})")
+        return usage, {g: prometheus.query(f"ray_sglserve_{g}{{{APP}}}") for g in gauges}
+
+    _, (usage, found) = prometheus.at_one_scrape(read_gauges, after=0)
     assert 0.0 <= usage <= 1.0
-    for gauge in ("num_running_reqs", "num_queue_reqs", "num_used_tokens", "cache_hit_rate",
-                  "gen_throughput", "scheduler_queued_requests", "scheduler_in_flight_requests"):
-        assert prometheus.query(f"ray_sglserve_{gauge}{{{APP}}}"), f"no series for {gauge}"
+    for gauge in gauges:
+        assert found[gauge], f"no series for {gauge}"
 
 
 def test_a_closed_stream_counts_as_a_client_disconnect(stack, prometheus):
