@@ -72,6 +72,7 @@ class ModelReplica:
         self.programs = ProgramRunner(self.engine, self.settings.run)
         self.metrics = ReplicaMetrics(self.settings.model.name, self.settings.observability, self.engine.stats)
         self._health_timeout_s = self.settings.ingress.ready_timeout_s
+        self._generated_at_last_probe: int | None = None  # engine's generation_tokens_total then
         loop = asyncio.get_running_loop()
         on_sigterm(lambda: loop.call_soon_threadsafe(self._on_sigterm))
         logger.info(
@@ -175,10 +176,19 @@ class ModelReplica:
                 "requests_in_progress": self._busy, "draining_since_sigterm": self._sigterm_at is not None}
 
     async def check_health(self) -> None:
-        """Ray Serve's health probe: a real 1-token generation, bounded in time."""
+        """Ray Serve's health probe: a real 1-token generation, bounded in time, unless the engine
+        generated tokens since the last probe (progress proves it serves, as SGLang's own
+        /health_generate takes recent output for health). A busy engine then gets no probe in its
+        batch: no slot taken, and its float32 numerics are not moved by a stranger in the batch."""
+        generated = self.engine.stats().generation_tokens_total
+        last = self._generated_at_last_probe
+        if self.available and last is not None and generated > last:
+            self._generated_at_last_probe = generated
+            return
         await asyncio.wait_for(
             self.engine.health_check(self._health_timeout_s), self._health_timeout_s + 1.0
         )
+        self._generated_at_last_probe = self.engine.stats().generation_tokens_total
 
     @property
     def available(self) -> bool:

@@ -12,15 +12,21 @@ the time of the signal; `on_sigterm` puts a function there that calls ours inste
 time) and Ray's own otherwise. `exit_now()` then ends the process exactly as SIGTERM would have.
 Where a Ray version's handler looks different, nothing is changed and `on_sigterm` says so
 (False): SIGTERM then stops the process at once, as before, and Serve replaces it.
+
+The ModelReplica drains with its own steps (app/replica.py: unavailable to the router, engine
+stopped last); the Ingress and the Scheduler use `SigtermDrain` below.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import signal
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 
 logger = logging.getLogger("sglserve.sigterm")
 
@@ -74,3 +80,75 @@ def exit_now() -> None:
     """End the process the way SIGTERM does in a Ray worker (its main thread raises SystemExit)."""
     _state["exiting"] = True
     os.kill(os.getpid(), signal.SIGTERM)
+
+
+def graceful_budget_s(default_s: float) -> float:
+    """This replica's deployment's graceful_shutdown_timeout_s (the default outside Serve)."""
+    try:
+        from ray import serve
+
+        return float(serve.get_replica_context()._deployment_config.graceful_shutdown_timeout_s)
+    except Exception:  # noqa: BLE001 - not in a Serve replica, or Serve's internals moved
+        return default_s
+
+
+class SigtermDrain:
+    """SIGTERM for a deployment whose work is requests it holds (the Ingress, the Scheduler):
+    from the signal on, `draining` is True (the deployment refuses new work with a retryable 503),
+    the work already held runs on until none is left or the deployment's
+    graceful_shutdown_timeout_s has passed, then the process exits as SIGTERM would have, and Ray
+    Serve starts a replacement. Installed on first use, from the loop that serves the requests
+    (a SIGTERM before any request finds nothing to drain and stops the process at once)."""
+
+    def __init__(self, name: str, default_budget_s: float = 20.0, on_start: Callable[[], None] | None = None):
+        self.name = name
+        self._on_start = on_start  # runs on the loop when the drain begins (e.g. refuse new work)
+        self.busy = 0
+        self.since: float | None = None  # monotonic time of the SIGTERM
+        self._default_budget_s = default_budget_s
+        self._idle: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+
+    @property
+    def draining(self) -> bool:
+        return self.since is not None
+
+    def install(self) -> None:
+        """Call from the serving event loop; cheap after the first time."""
+        if self._idle is not None:
+            return
+        self._idle = asyncio.Event()
+        self._idle.set()
+        loop = asyncio.get_running_loop()
+        on_sigterm(lambda: loop.call_soon_threadsafe(self._start))
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        """Around each piece of work the drain must wait for."""
+        self.install()
+        self.busy += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self.busy -= 1
+            if self.busy == 0:
+                self._idle.set()
+
+    def _start(self) -> None:
+        if self.since is None:
+            self.since = time.monotonic()
+            if self._on_start is not None:
+                self._on_start()
+            self._task = asyncio.get_running_loop().create_task(self._drain_then_exit())
+
+    async def _drain_then_exit(self) -> None:
+        budget = graceful_budget_s(self._default_budget_s)
+        logger.warning("SIGTERM: %s refuses new work and drains %d request(s) (up to %.0f s), then exits",
+                       self.name, self.busy, budget)
+        try:
+            await asyncio.wait_for(self._idle.wait(), budget)
+        except asyncio.TimeoutError:
+            logger.warning("SIGTERM: %s still holds %d request(s) after %.0f s; exiting", self.name, self.busy, budget)
+        logger.warning("SIGTERM: %s drained in %.1f s; exiting", self.name, time.monotonic() - self.since)
+        exit_now()

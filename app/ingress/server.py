@@ -7,6 +7,7 @@ that is not JSON -> 400; a field of the wrong type or out of range -> 422 naming
 
 import json
 import logging
+import os
 import time
 import uuid
 from typing import Any
@@ -19,7 +20,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.config import AppSettings
-from app.errors import APIError, NotFoundError, PayloadTooLargeError, unwrap_error
+from app.errors import APIError, NotFoundError, OverloadedError, PayloadTooLargeError, unwrap_error
 from app.ingress import guard
 from app.ingress.gateway import Gateway, ModelLimits
 from app.ingress.moderation_api import moderation_router
@@ -32,12 +33,18 @@ from app.ingress.batch_api import batch_router
 from app.ingress.jobs_api import job_service, jobs_router
 from app.jobs.conversion import JobConversion
 from app.logs import configure_ingress_observability, start_request_trace
+from app.sigterm import SigtermDrain
 
 logger = logging.getLogger("sglserve.ingress")
 MODEL_VERSION_RESPONSE_HEADER = b"x-sglserve-model-version"
 
 # guard_request: rate limits, input filters, abort ownership, before every API route (app/ingress/guard.py)
 api = FastAPI(title="sglserve", docs_url="/docs", redoc_url=None, dependencies=[Depends(guard.guard_request)])
+
+
+# SIGTERM straight to this process: refuse new requests (503, retryable), finish the ones held
+# (streams included), then exit; Serve starts a replacement (app/sigterm.py).
+DRAIN = SigtermDrain("Ingress")
 
 
 class _Current:
@@ -159,6 +166,10 @@ class RequestContext:
         if refusal is not None:
             await trace.finish(_error_response(refusal, request))(scope, receive, send)
             return
+        with DRAIN.holding():
+            await self._serve(scope, receive, send, request, trace)
+
+    async def _serve(self, scope: dict, receive: Any, send: Any, request: Request, trace: Any) -> None:
         outcome = {"status": 500, "complete": False}
 
         async def watched_send(message: dict) -> None:
@@ -183,8 +194,12 @@ class RequestContext:
 
     @staticmethod
     def _refusal(request: Request) -> APIError | None:
-        """Why the request is refused before it reaches a route (too large, no valid key), if it is;
-        an accepted API key is recorded on `request.state` (tenant, priorities) on the way."""
+        """Why the request is refused before it reaches a route (draining after SIGTERM, too large,
+        no valid key), if it is; an accepted API key is recorded on `request.state` (tenant,
+        priorities) on the way."""
+        if DRAIN.draining and _route_path(request) != "/health":
+            return OverloadedError("this ingress replica is shutting down (SIGTERM); retry",
+                                   code="ingress_draining", retry_after_s=1)
         gateway = _Current.gateway
         limit = gateway.settings.ingress.max_request_bytes if gateway else 4 * 1024 * 1024
         length = request.headers.get("content-length")
@@ -285,6 +300,10 @@ class Ingress:
         _Current.auth = Authenticator(app_settings.security) if app_settings.security.enabled else None
         guard.configure(app_settings, tokenizer)
         logger.info("ingress ready for model %s", json.dumps(limits.name))
+
+    def process_info(self) -> dict[str, Any]:
+        """This replica's process and its SIGTERM drain (tests/chaos signal the process)."""
+        return {"pid": os.getpid(), "draining": DRAIN.draining, "busy": DRAIN.busy}
 
     def reconfigure(self, user_config: dict[str, Any] | None) -> None:
         """Serve's lightweight update: `user_config: {weights: {version: weight}}` on the Ingress

@@ -15,7 +15,9 @@ programs (admitted like one request, run whole on the chosen replica).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -25,12 +27,13 @@ from ray.serve.handle import DeploymentHandle
 
 from app.canary import replica_deployment, version_handles
 from app.config import AppSettings
-from app.errors import APIError, EngineError, unwrap_error
+from app.errors import APIError, EngineError, OverloadedError, unwrap_error
 from app.protocol import GenerateRequest, SamplingParams
 from app.scheduler.control import InFlightLimits  # noqa: F401 - its home before the ticket protocol
 from app.scheduler.office import TicketOffice
 from app.scheduler.ray_router import TARGET_REPLICA_KWARG, live_replica_ids
 from app.scheduler.tickets import Outcome, Ticket
+from app.sigterm import SigtermDrain
 
 logger = logging.getLogger("sglserve.scheduler")
 
@@ -49,20 +52,30 @@ class Scheduler:
         self.streams = {v: h.options(stream=True) for v, h in self.handles.items()}
         self.replicas = self.handles[self.office.default_version]
         self.replica_streams = self.streams[self.office.default_version]
+        # SIGTERM straight to this process: new admits get a retryable 503, queued admits and
+        # relayed /run programs finish, then the process exits and Serve replaces it.
+        self.drain = SigtermDrain("Scheduler", on_start=self._refuse_new_work)
+
+    def _refuse_new_work(self) -> None:
+        self.office.refusing = OverloadedError("the scheduler is shutting down (SIGTERM); retry",
+                                               code="scheduler_draining", retry_after_s=1)
 
     # -- the ticket protocol (app/scheduler/tickets.py; decisions in app/scheduler/office.py) --
 
     async def admit(self, request: GenerateRequest) -> Ticket:
-        return await self.office.admit(request)
+        with self.drain.holding():
+            return await self.office.admit(request)
 
     async def admit_many(self, batch: list[tuple[str, GenerateRequest]]) -> list[tuple[str, Any]]:
         """Batched admits (app/ingress/admits.py): each answered on its own; queued ones are
         answered through `follow_admits`."""
-        return await self.office.admit_many(batch)
+        with self.drain.holding():
+            return await self.office.admit_many(batch)
 
     async def follow_admits(self, keys: list[str]) -> AsyncIterator[list[tuple[str, Any]]]:
-        async for answers in self.office.follow_admits(keys):
-            yield answers
+        with self.drain.holding():
+            async for answers in self.office.follow_admits(keys):
+                yield answers
 
     async def reroute(self, ticket_id: str, request: GenerateRequest, failed_replica: str | None,
                       started: bool) -> Ticket:
@@ -75,10 +88,19 @@ class Scheduler:
     # -- /run programs (admitted like one request, run whole on the chosen replica) ----------
 
     async def run_program(self, route: GenerateRequest, body: dict[str, Any]) -> dict[str, Any]:
+        with self.drain.holding():
+            return await self._run_program(route, body)
+
+    async def _run_program(self, route: GenerateRequest, body: dict[str, Any]) -> dict[str, Any]:
         ticket = await self.admit(route)
         outcome = Outcome(ticket.ticket_id, "error")
         try:
-            result = await self.handles[ticket.version].run_program.remote(route, body, **self._target(ticket))
+            for attempt in itertools.count():
+                try:
+                    result = await self.handles[ticket.version].run_program.remote(route, body, **self._target(ticket))
+                    break
+                except Exception as exc:  # noqa: BLE001 - sent elsewhere, or raised as it is
+                    ticket = await self._elsewhere(ticket, route, exc, attempt)
             outcome.status = "finished"
             return result
         except Exception as exc:  # noqa: BLE001 - APIErrors pass through unwrapped
@@ -87,16 +109,41 @@ class Scheduler:
             self.release([outcome])
 
     async def run_program_stream(self, route: GenerateRequest, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        with self.drain.holding():
+            async for event in self._run_program_stream(route, body):
+                yield event
+
+    async def _run_program_stream(self, route: GenerateRequest, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         ticket = await self.admit(route)
         outcome = Outcome(ticket.ticket_id, "error")
         try:
-            async for event in self.streams[ticket.version].run_program_stream.remote(route, body, **self._target(ticket)):
-                yield event
+            for attempt in itertools.count():
+                started = False
+                try:
+                    async for event in self.streams[ticket.version].run_program_stream.remote(
+                            route, body, **self._target(ticket)):
+                        started = True
+                        yield event
+                    break
+                except Exception as exc:  # noqa: BLE001
+                    if started:
+                        raise
+                    ticket = await self._elsewhere(ticket, route, exc, attempt)
             outcome.status = "finished"
         except Exception as exc:  # noqa: BLE001
             raise self._client_error(exc) from None
         finally:
             self.release([outcome])
+
+    async def _elsewhere(self, ticket: Ticket, route: GenerateRequest, exc: Exception, attempt: int) -> Ticket:
+        """The same ticket on another replica, if its replica turned the program away before
+        running any of it (draining after SIGTERM) and retries are left; else `exc` is raised.
+        Only that refusal is retried: a program that started may have run server-side functions."""
+        cause = unwrap_error(exc)
+        refused = isinstance(cause, APIError) and cause.code == "replica_draining"
+        if not refused or attempt >= self.settings.scheduler.max_retries:
+            raise exc
+        return await self.office.reroute(ticket.ticket_id, route, ticket.replica_id, started=False)
 
     @staticmethod
     def _target(ticket: Ticket) -> dict[str, str]:
@@ -188,6 +235,11 @@ class Scheduler:
         if None not in self.deployments:
             stats["versions"] = {v: sorted(live_replica_ids(name)) for v, name in self.deployments.items()}
         return stats
+
+
+    def process_info(self) -> dict[str, Any]:
+        """This replica's process and its SIGTERM drain (tests/chaos signal the process)."""
+        return {"pid": os.getpid(), "draining": self.drain.draining, "busy": self.drain.busy}
 
 
 SchedulerDeployment = serve.deployment(name="Scheduler", max_ongoing_requests=4096)(Scheduler)

@@ -75,6 +75,7 @@ class TicketOffice:
         self.default_version = next(iter(deployments))
         self.dispatcher = self.dispatchers[self.default_version]
         self.desk = TicketDesk(cfg.ticket_lease_s, prefix=f"{uuid.uuid4().hex[:6]}-")
+        self.refusing: APIError | None = None  # set while the Scheduler drains: every new admit gets it
         self.retries_total = 0
         self.migrations_total = 0
         self.calls = {"admit": 0, "admit_many": 0, "reroute": 0, "release": 0}
@@ -96,6 +97,8 @@ class TicketOffice:
     async def admit(self, request: GenerateRequest) -> Ticket:
         """Wait for a slot (or raise OverloadedError), then place the request on a replica."""
         self.calls["admit"] += 1
+        if self.refusing is not None:  # this Scheduler replica is shutting down (SIGTERM)
+            raise self.refusing
         self._start_sweeper()
         version = self.version_of(request)
         meta = RequestMeta.from_request(request, self.default_priority)

@@ -291,3 +291,45 @@ def test_scheduler_kill_is_never_a_500(chaos):
     summary = SUMMARIES.get("scheduler_actor_kill")
     assert summary is not None, "runs after test_scheduler_and_ingress_actor_kills_lose_only_what_was_in_flight"
     assert summary["internal_500"] == 0, summary
+
+
+@pytest.mark.parametrize("deployment, code", [("Ingress", "ingress_draining"), ("Scheduler", "scheduler_draining")])
+def test_sigterm_to_the_ingress_or_scheduler_drains_it(chaos, tmp_path, deployment, code):
+    """SIGTERM straight to the Ingress's or the Scheduler's process while it holds a streamed /run
+    program (the Ingress serves its HTTP stream; the Scheduler relays it): new requests get a
+    retryable 503 naming the drain, the held stream finishes whole once the test releases it, then
+    the process exits and Serve replaces it. Held by a /run function, not by timing."""
+    import psutil
+
+    handle = chaos.handle(deployment)
+    info = lambda: handle.process_info.remote().result(timeout_s=60)  # noqa: E731
+    assert routed_calls_succeed(chaos)  # the previous test's replacements serve
+    pid = info()["pid"]
+    release = tmp_path / f"release-{deployment}"
+    held = {"program": f'held: {{hold.until_released("{release}")}}', "stream": True}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        stream = pool.submit(read_sse, f"{chaos.base_url}/run", held)
+        try:
+            deadline = time.monotonic() + DEADLINE_S
+            while info()["busy"] < 1:
+                assert time.monotonic() < deadline, f"the held stream never reached the {deployment}"
+                assert not stream.done(), stream.result()
+                time.sleep(0.05)
+            os.kill(pid, signal.SIGTERM)
+            while not info()["draining"]:
+                assert time.monotonic() < deadline, f"the {deployment} did not start draining"
+                time.sleep(0.05)
+            refused = httpx.post(f"{chaos.base_url}/v1/completions", timeout=60,
+                                 json={"model": fault_load.MODEL, "prompt": "hello", "max_tokens": 2})
+            assert refused.status_code == 503, refused.text
+            assert int(refused.headers["retry-after"]) >= 1
+            assert refused.json()["error"]["code"] == code, refused.text
+            assert not stream.done() and psutil.pid_exists(pid)  # still holding the stream
+        finally:
+            release.touch()
+        assert stream.result(timeout=DEADLINE_S) == (200, "held: released", [])
+    deadline = time.monotonic() + DEADLINE_S
+    while psutil.pid_exists(pid) or not routed_calls_succeed(chaos):
+        assert time.monotonic() < deadline, f"the drained {deployment} did not exit, or was not replaced"
+        time.sleep(0.2)
+    assert info()["pid"] != pid and not info()["draining"]
