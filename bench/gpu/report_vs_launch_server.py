@@ -1,7 +1,8 @@
 """Turns the side-by-side run (scripts/gpu/bench_vs_launch_server.sh) into
 bench/gpu/results_vs_launch_server.md and its PNG plots.
 
-Input: a directory with `bare/` and `sglserve/` (the unpacked $OUT/<step>.tar.gz of the GPU run),
+Input: a directory with `bare/` and `sglserve/` (the unpacked $OUT/<step>.tar.gz of the GPU run;
+`--ours` names another folder as the main sglserve side, and every further folder is a variant),
 each holding `results.jsonl` (SGLang's own `sglang.benchmark.serving` records, one per step, `tag`
 = side|dataset|backend|cN), `env.txt` and `command.txt`.
 
@@ -73,7 +74,38 @@ def verdicts(rows: list[dict]) -> list[str]:
     return lines
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def gpu_name(env: Path) -> str:
+    """The GPU's name from the device's report (env.txt's second line: name, memory, driver)."""
+    if env.exists():
+        lines = env.read_text().splitlines()
+        if len(lines) > 1 and "," in lines[1]:
+            return lines[1].split(",")[0].replace("NVIDIA ", "").strip()
+    return "GPU"
+
+
+def answers_section(bare_dir: Path, ours_dir: Path) -> list[str]:
+    """Greedy chat answers of both servers to the same prompts (bench/gpu/same_answers.py), compared."""
+    def read(d: Path) -> list[dict]:
+        path = d / "answers.jsonl"
+        return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+
+    bare, ours = read(bare_dir), read(ours_dir)
+    if not bare or not ours:
+        return []
+    same = sum(b["text"] == o["text"] for b, o in zip(bare, ours))
+    lines = ["## Real text: greedy chat answers of both servers", "",
+             f"The same {len(bare)} chat prompts, one at a time, temperature 0, at most 64 tokens, through "
+             f"`/v1/chat/completions` of each server (`bench/gpu/same_answers.py`): **{same} of {len(bare)} "
+             "answers identical** word for word.", "",
+             "| prompt | launch_server | sglserve | same |", "|---|---|---|---|"]
+    for b, o in zip(bare, ours):
+        cell = lambda t: t.replace("|", "\\|").replace("\n", " ")[:160]  # noqa: E731
+        lines.append(f"| {b['prompt']} | {cell(b['text'])} | {cell(o['text'])} | "
+                     f"{'yes' if b['text'] == o['text'] else '**no**'} |")
+    return lines + [""]
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -103,32 +135,35 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax in axes[1:]:
         ax.axhline(0, color="black", lw=0.5)
         ax.set_yscale("symlog", linthresh=1.0)  # ms differences span 0.01 .. 2000
-    fig.suptitle("sglserve (Ray Serve + sglang.Engine) vs python -m sglang.launch_server, same H100, "
-                 "sglang.benchmark.serving random-ids 1024/256", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
-def report(run: Path, md_path: Path, png_path: Path) -> str:
-    bare, ours = load(run / "bare"), load(run / "sglserve")
+MODEL_8B = ("Llama-3.1-8B shape with dummy weights and SmolLM2's tokenizer (vocab 49,152), bf16 "
+            "(`bench/gpu/make_bench_model.py`)")
+
+
+def report(run: Path, md_path: Path, png_path: Path, ours_name: str = "sglserve", model: str = MODEL_8B) -> str:
+    bare, ours = load(run / "bare"), load(run / ours_name)
     rows = random_rows(bare, ours)
-    env = (run / "sglserve" / "env.txt") if (run / "sglserve" / "env.txt").exists() else run / "bare" / "env.txt"
-    lines = ["# sglserve vs `python -m sglang.launch_server`, measured by SGLang's own benchmark (H100)", ""]
+    env = (run / ours_name / "env.txt") if (run / ours_name / "env.txt").exists() else run / "bare" / "env.txt"
+    gpu = gpu_name(env)
+    lines = [f"# sglserve vs `python -m sglang.launch_server`, measured by SGLang's own benchmark ({gpu})", ""]
     lines += ["Both servers ran on the same GPU machine, one after the other in one lease (the order is in the notes), "
               "with the same engine settings, and were driven by the same unmodified "
               "`sglang.benchmark.serving` (`bench/gpu/bench_serving_sweep.py` calls its `cli_main` once per step). "
               "Produced by `scripts/gpu/bench_vs_launch_server.sh` (see docs/gpu-benchmark.md); raw records: "
-              "`vs_launch_server/{bare,sglserve}/results.jsonl`.", ""]
+              f"`{run.name}/{{bare,{ours_name}}}/results.jsonl`.", ""]
     if env.exists():
         lines += ["**Machine and versions** (the device's own report):", "", "```", env.read_text().strip(), "```", ""]
-    for side in ("bare", "sglserve"):
+    for side in ("bare", ours_name):
         cmd = run / side / "command.txt"
         if cmd.exists():
             lines += [f"**{side} command**: `{cmd.read_text().strip()}`", ""]
     lines += ["**Workload**: random-ids dataset, 1024 input / 256 output tokens (exact, `--random-range-ratio 1`), "
               "`ignore_eos`, greedy, `--request-rate inf` with `--max-concurrency` c; prompts per step: "
-              "8 (c=1), 32 (c=8), 128 (c=32), 384 (c=128); 2 warm-up requests per step. Model: Llama-3.1-8B "
-              "shape with dummy weights and SmolLM2's tokenizer (vocab 49,152), bf16 (`bench/gpu/make_bench_model.py`). "
+              f"8 (c=1), 32 (c=8), 128 (c=32), 384 (c=128); 2 warm-up requests per step. Model: {model}. "
               "The runs are short (GPU time is scarce: 30 device-minutes for the whole session), so "
               "differences of a few percent at c=1/8 are within run-to-run noise.", ""]
     if rows:
@@ -144,6 +179,7 @@ def report(run: Path, md_path: Path, png_path: Path) -> str:
                 f"{r['d_ttft50']:+.2f} | {r['d_ttft99']:+.2f} | {fmt(b['median_itl_ms'], 2)} / "
                 f"{fmt(s['median_itl_ms'], 2)} | {r['d_itl50']:+.2f} | {r['d_itl99']:+.2f} |")
         lines += ["", f"![ratios and differences]({png_path.name})", "", "## Targets", ""] + verdicts(rows) + [""]
+    lines += answers_section(run / "bare", run / ours_name)
     gsp = [(bare.get(("gsp", "sglang", "c32")), ours.get(("gsp", "sglang", "c32")))]
     if all(gsp[0]):
         b, s = gsp[0]
@@ -166,7 +202,7 @@ def report(run: Path, md_path: Path, png_path: Path) -> str:
                          f"{fmt(b['median_ttft_ms'], 2)} / {fmt(s['median_ttft_ms'], 2)} | "
                          f"{fmt(b['median_itl_ms'], 2)} / {fmt(s['median_itl_ms'], 2)} |")
         lines.append("")
-    for variant in sorted(d for d in run.iterdir() if d.is_dir() and d.name not in ("bare", "sglserve")):
+    for variant in sorted(d for d in run.iterdir() if d.is_dir() and d.name not in ("bare", ours_name)):
         vrows = random_rows(bare, load(variant))
         if not vrows:
             continue
@@ -183,7 +219,8 @@ def report(run: Path, md_path: Path, png_path: Path) -> str:
     if missing:
         lines += [f"Steps measured on one side only (not compared): {', '.join('|'.join(k) for k in missing)}", ""]
     if rows:
-        plot(rows, png_path)
+        plot(rows, png_path, f"sglserve (Ray Serve + sglang.Engine) vs python -m sglang.launch_server, same {gpu}, "
+                             "sglang.benchmark.serving random-ids 1024/256")
     md_path.write_text("\n".join(lines) + "\n")
     return md_path.read_text()
 
@@ -194,9 +231,11 @@ def main() -> None:
     parser.add_argument("--run", type=Path, default=here / "vs_launch_server")
     parser.add_argument("--md", type=Path, default=here / "results_vs_launch_server.md")
     parser.add_argument("--png", type=Path, default=here / "results_vs_launch_server.png")
+    parser.add_argument("--ours", default="sglserve", help="the folder of the main sglserve side")
+    parser.add_argument("--model", default=MODEL_8B, help="the model, as the report should describe it")
     parser.add_argument("--notes", type=Path, help="Markdown appended as is (analysis written after the run)")
     args = parser.parse_args()
-    text = report(args.run, args.md, args.png)
+    text = report(args.run, args.md, args.png, args.ours, args.model)
     if args.notes and args.notes.exists():
         args.md.write_text(text + "\n" + args.notes.read_text())
     print(args.md.read_text())
