@@ -147,7 +147,9 @@ def _tenant(request: Request, body) -> str:
 
 def _chunker(gateway: Gateway) -> Callable[[GenerateOutput], list[GenerateOutput]]:
     """How a streamed increment becomes chunks: one per token (SGLang's default), or as it came
-    from the replica, several tokens at once (`ingress.stream_chunk_per_token: false`)."""
+    from the replica, several tokens at once (`ingress.stream_chunk_per_token: false`). Either way
+    the chunks of one increment go out in one write: a client still parses one SSE event per token,
+    while the HTTP stack (and Ray Serve's proxy hop) carries one message per increment."""
     return per_token if gateway.settings.ingress.stream_chunk_per_token else (lambda out: [out])
 
 
@@ -325,6 +327,7 @@ async def _chat(gateway: Gateway, body: ChatCompletionRequest, request: Request)
         named: set[int] = set()  # choices whose tool call has been introduced (id, name)
         async for index, whole in source:
             finals[index] = whole if index not in finals else finals[index].merge(whole)
+            written: list[str] = []  # this increment's events, one per token, leave in one write
             for out in chunks_of(whole):
                 if out.text or out.output_token_logprobs:
                     if forced_tool is not None:
@@ -336,18 +339,20 @@ async def _chat(gateway: Gateway, body: ChatCompletionRequest, request: Request)
                         delta: dict[str, Any] = {"tool_calls": [call]}
                     else:
                         delta = {"content": out.text}
-                    yield sse_event(
+                    written.append(sse_event(
                         {**chunk, "choices": [{"index": index, "delta": delta,
                                                "logprobs": _chat_logprobs(out), "finish_reason": None}]}
-                    )
+                    ))
                 if out.finished:
                     reason = out.finish_reason.to_openai() if out.finish_reason else "stop"
                     if forced_tool is not None:
                         reason = "tool_calls"
-                    yield sse_event(
+                    written.append(sse_event(
                         {**chunk, "choices": [{"index": index, "delta": {}, "logprobs": None,
                                                "finish_reason": reason}]}
-                    )
+                    ))
+            if written:
+                yield "".join(written)
         request.state.usage = _usage(list(finals.values()), len(input_ids))
         if include_usage:
             yield sse_event({**chunk, "choices": [], "usage": request.state.usage})
@@ -467,6 +472,7 @@ async def _completions(gateway: Gateway, body: CompletionRequest, request: Reque
         offsets: dict[int, int] = {}
         async for index, whole in source:
             finals[index] = whole if index not in finals else finals[index].merge(whole)
+            written: list[str] = []  # this increment's events, one per token, leave in one write
             for out in chunks_of(whole):
                 reason = None
                 if out.finished:
@@ -474,10 +480,12 @@ async def _completions(gateway: Gateway, body: CompletionRequest, request: Reque
                 logprobs = _completion_logprobs(out, offsets.get(index, 0), False)
                 offsets[index] = offsets.get(index, 0) + len(out.text)
                 if out.text or reason or logprobs:
-                    yield sse_event(
+                    written.append(sse_event(
                         {**chunk, "choices": [{"index": index, "text": out.text, "logprobs": logprobs,
                                                "finish_reason": reason}]}
-                    )
+                    ))
+            if written:
+                yield "".join(written)
         request.state.usage = _usage(list(finals.values()), prompt_tokens)
         if include_usage:
             yield sse_event({**chunk, "choices": [], "usage": request.state.usage})
