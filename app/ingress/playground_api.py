@@ -148,27 +148,39 @@ def _text_event(event_id: int, text: str) -> str:
     return f"id: {event_id}\n" + "".join(f"data: {line}\n" for line in lines) + "\n"
 
 
+def _sse_payloads(written: str) -> list[str]:
+    """The `data:` payloads of the SSE events in one write (the OpenAI routes write one event per
+    token but join the events of one increment into a single write)."""
+    return [line[len("data:"):].strip() for line in written.split("\n") if line.startswith("data:")]
+
+
 async def _plain_text_events(openai_sse: AsyncIterator[Any]) -> AsyncIterator[str]:
     """OpenAI chunks (SSE) -> plain-text increments, then `done` (or `error`)."""
-    event_id, finish, usage = 0, None, None
+    event_id, finish, usage, ended = 0, None, None, False
     try:
         async for raw in openai_sse:
-            frame = raw.decode() if isinstance(raw, bytes) else raw
-            payload = frame.strip()[len("data:"):].strip()
-            if payload == "[DONE]":
-                break
-            chunk = json.loads(payload)
-            if "error" in chunk:
-                event_id += 1
-                yield f"id: {event_id}\nevent: error\ndata: {json.dumps(chunk)}\n\n"
-                return
-            usage = chunk.get("usage") or usage
-            for choice in chunk.get("choices", []):
-                finish = choice.get("finish_reason") or finish
-                text = (choice.get("delta") or {}).get("content")
-                if text:
+            written = raw.decode() if isinstance(raw, bytes) else raw
+            texts: list[str] = []
+            for payload in _sse_payloads(written):  # one write may carry several events
+                if payload == "[DONE]":
+                    ended = True
+                    break
+                chunk = json.loads(payload)
+                if "error" in chunk:
                     event_id += 1
-                    yield _text_event(event_id, text)
+                    yield f"id: {event_id}\nevent: error\ndata: {json.dumps(chunk)}\n\n"
+                    return
+                usage = chunk.get("usage") or usage
+                for choice in chunk.get("choices", []):
+                    finish = choice.get("finish_reason") or finish
+                    text = (choice.get("delta") or {}).get("content")
+                    if text:
+                        texts.append(text)
+            if texts:  # the increment leaves as one event, as it left the replica
+                event_id += 1
+                yield _text_event(event_id, "".join(texts))
+            if ended:
+                break
         event_id += 1
         yield f"id: {event_id}\nevent: done\ndata: {json.dumps({'finish_reason': finish, 'usage': usage})}\n\n"
     finally:

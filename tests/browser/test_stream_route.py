@@ -7,7 +7,9 @@ import json
 import httpx
 import pytest
 
-from app.ingress.playground_api import StreamTokens, _text_event
+import asyncio
+
+from app.ingress.playground_api import StreamTokens, _plain_text_events, _text_event
 from app.errors import AuthenticationError
 from tests.client.stacks import API_KEY, keyed_stack
 
@@ -33,6 +35,31 @@ def event_source(lines) -> list[tuple[str, str]]:
 def test_text_with_newlines_survives_event_source_framing():
     frame = _text_event(7, "a\nb\r\n c\n")
     assert event_source(frame.split("\n")) == [("message", "a\nb\n c\n")]
+
+
+def test_chat_writes_holding_several_events_become_one_increment_each():
+    """The chat route joins the per-token events of one replica increment into one write."""
+    def event(payload) -> str:
+        return f"data: {json.dumps(payload)}\n\n"
+
+    def delta(text=None, finish=None) -> dict:
+        return {"choices": [{"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish}]}
+
+    async def writes():
+        yield event(delta("Hel")) + event(delta("lo"))
+        yield event(delta(" data: [DONE]")) + event(delta(finish="length"))  # the marker as text is text
+        yield event({"choices": [], "usage": {"completion_tokens": 3}}) + "data: [DONE]\n\n"
+        raise AssertionError("nothing is read past [DONE]")
+
+    async def collect():
+        return [frame async for frame in _plain_text_events(writes())]
+
+    frames = asyncio.run(collect())
+    events = event_source("".join(frames).split("\n"))
+    assert events[:2] == [("message", "Hello"), ("message", " data: [DONE]")]
+    assert events[2][0] == "done" and json.loads(events[2][1]) == {"finish_reason": "length",
+                                                                    "usage": {"completion_tokens": 3}}
+    assert len(events) == 3
 
 
 def test_stream_tokens_expire_and_cannot_be_forged():
