@@ -61,6 +61,13 @@ if [[ -d "$CK/repo" ]]; then rm -rf "$G/repo"; cp -r "$CK/repo" "$G/repo"
 elif [[ -d "$PWD/app" && ${#steps[@]} -gt 0 ]]; then  # no .i14/repo carried: the checkout itself is the code
   rm -rf "$G/repo"; mkdir -p "$G/repo"; tar -C "$PWD" --exclude=./.i14 --exclude=./.git -cf - . | tar -C "$G/repo" -xf -
 fi
+# The model both servers serve: the 8B-shaped dummy-weights Llama by default; MODEL_KIND=smollm2
+# serves SmolLM2-135M-Instruct's real weights (made on this machine by step smollm2_model).
+if [[ "${MODEL_KIND:-dummy8b}" == smollm2 ]]; then
+  MODEL="$G/smollm2" SERVED=smollm2 LOAD_FORMAT=auto
+else
+  MODEL="$G/model" SERVED=llama8b-shape LOAD_FORMAT=dummy
+fi
 if [[ ${#steps[@]} -gt 0 ]]; then
   needs=("$G/site/sglang" "$G/site/sgl_kernel" "$G/repo/app")
   [[ " ${steps[*]} " == *" smollm2_model "* ]] || needs+=("$MODEL/config.json")
@@ -71,13 +78,6 @@ fi
 export PYTHONPATH="$G/site:$G/stack:$G/repo/bench/gpu/shims:$G/repo" PATH="$G/stack/bin:$PATH"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" TOKENIZERS_PARALLELISM=false
 export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 SGLANG_DISABLE_REQUEST_LOGGING=1
-# The model both servers serve: the 8B-shaped dummy-weights Llama by default; MODEL_KIND=smollm2
-# serves SmolLM2-135M-Instruct's real weights (made on this machine by step smollm2_model).
-if [[ "${MODEL_KIND:-dummy8b}" == smollm2 ]]; then
-  MODEL="$G/smollm2" SERVED=smollm2 LOAD_FORMAT=auto
-else
-  MODEL="$G/model" SERVED=llama8b-shape LOAD_FORMAT=dummy
-fi
 # The engine settings both servers get (the sglserve side reads them from the bench yaml).
 SERVER_ARGS=(--model-path "$MODEL" --served-model-name "$SERVED" --load-format "$LOAD_FORMAT" --dtype bfloat16
   --context-length 8192 --mem-fraction-static 0.85 --max-running-requests 256 --chunked-prefill-size 8192

@@ -50,3 +50,31 @@ def test_the_report_computes_ratios_differences_and_verdicts(tmp_path):
     assert "c=1: TTFT p50 +10.00 ms (target <= +5 ms): **missed**" in text
     assert "c=128: throughput ratio 1.010 (target >= 1.0): met" in text
     assert (tmp_path / "r.png").stat().st_size > 0
+
+
+def test_an_itl_read_inside_bursts_of_events_is_not_judged(tmp_path):
+    """sglang-oai ITL p50 of ~0 on our side means tokens came several per write: not a 'met'."""
+    write(tmp_path / "bare", [record("bare", "c8", 100.0, 40.0, 6.0, backend="sglang-oai")])
+    write(tmp_path / "sglserve", [record("sglserve", "c8", 99.0, 41.0, 0.01, backend="sglang-oai")])
+    text = report.report(tmp_path, tmp_path / "r.md", tmp_path / "r.png")
+    assert "sglang-oai c=8: ITL p50 -5.99 ms: not comparable" in text
+    assert "ITL p50 -5.99 ms (target" not in text
+
+
+def test_greedy_answers_are_compared_with_each_other_and_with_the_reference(tmp_path):
+    def answers(folder: str, texts: list[str], **extra) -> None:
+        (tmp_path / folder).mkdir(exist_ok=True)
+        (tmp_path / folder / "answers.jsonl").write_text("".join(
+            json.dumps({"prompt": f"q{i}", "text": t, **extra}) + "\n" for i, t in enumerate(texts)))
+
+    answers("bare", ["Paris.", "one two three", "a|b"])
+    answers("sglserve", ["Paris.", "one two four", "a|b"])
+    answers("hf_reference", ["Paris.", "one two four", "a b"], dtype="bfloat16")
+    lines = report.answers_section(tmp_path / "bare", tmp_path / "sglserve", tmp_path / "hf_reference")
+    text = "\n".join(lines)
+    assert "**2 of 3 answers identical**" in text
+    assert "launch_server **1 of 3** identical (3 words agree" in text
+    assert "sglserve **2 of 3** (4 words)" in text
+    assert "| q2 | a\\|b | a\\|b | yes | a b |" in lines
+    no_reference = "\n".join(report.answers_section(tmp_path / "bare", tmp_path / "sglserve", tmp_path / "none"))
+    assert "reference" not in no_reference and "**2 of 3 answers identical**" in no_reference
